@@ -1,0 +1,207 @@
+"""SFT baseline: supervised fine-tuning on gold rationales.
+
+Not a paper of its own: it is the supervised stage that three of the papers build on and compare
+against (PAPERS.md section 1): ReFT's warm-up and SFT baseline (Luong et al., 2024, arXiv
+2401.08967), Self-Explore's SFT and RFT stages (Hwang et al., 2024, arXiv 2404.10346) and GSI's
+per-iteration fine-tuning (Ding et al., 2024, arXiv 2411.00750). Each paper's recipe (template,
+loss mask, schedule, batch) is a preset; the defaults are ReFT's SFT baseline. Other methods import
+`train` for their supervised stages, and `TEMPLATES`/`prompt_for`/`target_for` for their prompts.
+
+    python sft.py --model codellama-7b --task gsm8k            # ReFT's SFT baseline (the defaults)
+    python sft.py --preset self_explore --model deepseek-math-7b
+    python sft.py --preset gsi --model llama3-8b
+    python sft.py --preset toy                                  # tiny on arith, CPU, minutes -> runs/toy-sft
+
+Implements section 1.1: tokenise prompt + target + EOS; labels on the target and EOS (on the
+prompt too with --loss_on_prompt, as Self-Explore's code does); L = -(1/N) sum_t log p(y_t | y_<t)
+over the N labelled tokens of an optimiser step (1.5: the normalisation under gradient
+accumulation is our choice); AdamW, linear warm-up then linear decay, gradient clipping.
+
+Deviations (PAPERS 1.4): prompts are tokenised with the tokenizer's default BOS for every template
+(ReFT's code adds none), so that training and generate() see the same prompt tokens; the last epoch
+is the result (ReFT picks the best epoch on the test set); fp32 master weights, never pure bf16.
+"""
+import math
+import random
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from common import (Logger, batch_sequences, encode_pair, evaluate, fail, load_model, load_task,
+                    parse_args, save, token_logprobs)
+
+TEMPLATES = {  # PAPERS 1.2: (prompt, target); the target gets EOS appended at tokenisation
+    "reft": ("Question:\n{question}\nAnswer reasoning:\n", "{rationale}\nTherefore, the answer is: {answer}"),
+    "self_explore": ("{question}\n", "{rationale}\nThe answer is {answer}"),
+    "gsi": ("Below is a math problem, please give a step-by-step answer.\n\n### Question:\n{question}\n\n"
+            "### Your step-by-step answer:\n", "{rationale}\nThe answer is {answer}"),
+}
+
+
+def prompt_for(template, question):
+    return TEMPLATES[template][0].format(question=question.strip())
+
+
+def target_for(template, example):
+    return TEMPLATES[template][1].format(rationale=example.rationale.strip(), answer=example.answer)
+
+
+@dataclass
+class Args:
+    model: str = "codellama-7b"
+    """base model: an alias (see common.ALIASES), a hub id, a local checkpoint, or tiny"""
+    task: str = "gsm8k"
+    """arith, gsm8k, math, svamp, or a .jsonl/.json file"""
+    template: str = "reft"
+    """prompt/target format (PAPERS 1.2): reft, self_explore or gsi"""
+    loss_on_prompt: bool = False
+    """also train on the prompt tokens (Self-Explore's loss_on_prefix)"""
+    out_dir: str = "runs/sft"
+    """where the checkpoint, args.json, metrics.jsonl and samples.jsonl go"""
+    epochs: int = 40  # paper: ReFT SFT baseline, 40 epochs
+    """epochs to run"""
+    schedule_epochs: int = 0
+    """epochs the LR schedule is computed for (0: --epochs); ReFT's warm-up stops at epoch 2 of 40"""
+    lr: float = 1e-5  # paper: all three recipes
+    """peak learning rate"""
+    warmup_ratio: float = 0.1  # paper: ReFT, GSI
+    """fraction of the schedule spent in linear warm-up; linear decay to 0 after it"""
+    batch_size: int = 48  # paper: ReFT 3/GPU x 8 GPUs x accumulation 2
+    """sequences per optimiser step"""
+    micro_batch_size: int = 4
+    """sequences per forward/backward; batch_size / micro_batch_size steps of gradient accumulation"""
+    max_length: int = 1024  # paper: ReFT, GSI
+    """longer prompt+target sequences are cut to this many tokens"""
+    weight_decay: float = 0.0
+    """AdamW weight decay"""
+    adam_eps: float = 1e-8
+    """AdamW epsilon"""
+    grad_clip: float = 1.0
+    """maximum gradient norm"""
+    eval_max_new_tokens: int = 512
+    """generation budget when evaluating on the test split"""
+    eval_batch_size: int = 32
+    """prompts per generation batch when evaluating"""
+    n_eval: int = 0
+    """evaluate on the first n test questions (0: all)"""
+    save_every_epoch: bool = False
+    """also save out_dir/epoch-K after every epoch (the papers keep every epoch)"""
+    gradient_checkpointing: bool = True
+    """recompute activations in backward on GPU (non-reentrant)"""
+    lora_rank: int = 0
+    """LoRA rank (0: full fine-tuning)"""
+    seed: int = 42  # paper: ReFT, GSI
+    """seed for initialisation, shuffling and sampling"""
+
+
+PRESETS = {
+    # Self-Explore SFT (PAPERS 1.3, 3.7): loss on the prompt too, no warm-up, batch 64, 2 epochs.
+    "self_explore": dict(template="self_explore", loss_on_prompt=True, warmup_ratio=0.0, batch_size=64, epochs=2),
+    # GSI, one iteration: batch 64, 1 epoch.
+    "gsi": dict(template="gsi", batch_size=64, epochs=1),
+    # The toy world: tiny trained from scratch on arith on a CPU. Every toy preset of the other methods
+    # starts from runs/toy-sft and shares its template (the shortest of the three).
+    "toy": dict(model="tiny", task="arith", template="self_explore", out_dir="runs/toy-sft", epochs=6, lr=3e-3,
+                batch_size=32, micro_batch_size=32, max_length=256, eval_max_new_tokens=96, eval_batch_size=200,
+                seed=0),
+}
+TOY = PRESETS["toy"]
+
+
+def tokenize_pairs(tokenizer, pairs, loss_on_prompt, max_length):
+    """(unlabelled ids, labelled ids) per pair: prompt | target + EOS, or nothing | everything with
+    loss_on_prompt; cut to max_length tokens in all."""
+    data = []
+    for prompt, target in pairs:
+        prompt_ids, target_ids = encode_pair(tokenizer, prompt, target)
+        if loss_on_prompt:
+            prompt_ids, target_ids = [], prompt_ids + target_ids
+        data.append((prompt_ids[:max_length], target_ids[:max(0, max_length - len(prompt_ids))]))
+    return data
+
+
+def train(model, tokenizer, pairs, args, eval_fn=None, logger=None):
+    """Fine-tune `model` in place on (prompt, target) string pairs; returns the per-epoch metrics.
+
+    Reads from `args`: loss_on_prompt, epochs, schedule_epochs, lr, warmup_ratio, batch_size,
+    micro_batch_size, max_length, weight_decay, adam_eps, grad_clip, gradient_checkpointing,
+    save_every_epoch, out_dir, seed. `eval_fn(model) -> dict` runs after each epoch."""
+    if not pairs:
+        fail("no training examples: the data set (or the filtered set of samples) is empty")
+    data = tokenize_pairs(tokenizer, pairs, args.loss_on_prompt, args.max_length)
+    steps_per_epoch = math.ceil(len(data) / args.batch_size)
+    total_steps = steps_per_epoch * (args.schedule_epochs or args.epochs)
+    warmup_steps = int(args.warmup_ratio * total_steps)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr,
+                                  eps=args.adam_eps, weight_decay=args.weight_decay)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: step / warmup_steps if step < warmup_steps
+                                                 else max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps)))
+    if args.gradient_checkpointing and model.device.type == "cuda":
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    rng, history = random.Random(args.seed), []
+    for epoch in range(1, args.epochs + 1):
+        model.train()
+        order = rng.sample(range(len(data)), len(data))
+        losses = []
+        for step in tqdm(range(steps_per_epoch), desc=f"sft epoch {epoch}", leave=False):
+            batch = [data[i] for i in order[step * args.batch_size:(step + 1) * args.batch_size]]
+            micro_batches = [batch_sequences([p for p, _ in batch[i:i + args.micro_batch_size]],
+                                             [t for _, t in batch[i:i + args.micro_batch_size]],
+                                             tokenizer.pad_token_id, model.device)
+                             for i in range(0, len(batch), args.micro_batch_size)]
+            n_tokens = sum(target_mask.sum() for *_, target_mask in micro_batches)  # 1.5: over the whole step
+            step_loss = 0.0
+            for input_ids, attention_mask, target_mask in micro_batches:
+                logprobs = token_logprobs(model, input_ids, attention_mask)
+                loss = -(logprobs * target_mask).sum() / n_tokens  # Sec. 1.1, step 5
+                if not torch.isfinite(loss):
+                    fail(f"non-finite loss at epoch {epoch} step {step}: lower --lr (the last saved checkpoint is kept)")
+                loss.backward()
+                step_loss += loss.item()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+            optimizer.step()
+            schedule.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(step_loss)
+        metrics = {"epoch": epoch, "loss": sum(losses) / len(losses), "lr": schedule.get_last_lr()[0]}
+        if eval_fn is not None:
+            metrics |= eval_fn(model)
+        if logger is not None:
+            logger.log(f"sft {epoch}", **metrics)
+        if args.save_every_epoch:
+            save(model, tokenizer, f"{args.out_dir}/epoch-{epoch}", args)
+        history.append(metrics)
+    if args.gradient_checkpointing and model.device.type == "cuda":
+        model.gradient_checkpointing_disable()
+    return history
+
+
+def main(argv=None):
+    args = parse_args(Args, PRESETS, argv)
+    if args.template not in TEMPLATES:
+        fail(f"unknown template {args.template!r}: use one of {', '.join(TEMPLATES)}")
+    random.seed(args.seed)
+    # PLUMBING: data and model first, so a bad name stops before any work
+    train_set, test_set = load_task(args.task, "train"), load_task(args.task, "test")
+    test_set = test_set[:args.n_eval] if args.n_eval else test_set
+    model, tokenizer = load_model(args.model, lora_rank=args.lora_rank, seed=args.seed)
+    logger = Logger(args.out_dir)
+    print(f"{args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters; "
+          f"{len(train_set)} train / {len(test_set)} test examples of {args.task}")
+
+    def eval_fn(model):
+        result = evaluate(model, tokenizer, test_set, lambda ex: prompt_for(args.template, ex.question),
+                          max_new_tokens=args.eval_max_new_tokens, batch_size=args.eval_batch_size)
+        logger.samples(result.pop("records")[:20])
+        return {"test_accuracy": result["accuracy"]}
+
+    # ALGO: SFT on the gold rationales rendered with the paper's template
+    pairs = [(prompt_for(args.template, ex.question), target_for(args.template, ex)) for ex in train_set]
+    train(model, tokenizer, pairs, args, eval_fn, logger)
+    save(model, tokenizer, args.out_dir, args)
+    print(f"saved {args.out_dir}")
+
+
+if __name__ == "__main__":
+    main()

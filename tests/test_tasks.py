@@ -1,0 +1,120 @@
+"""load_task() on written files and the built-in arith task; parse_args(); clear errors on bad input."""
+import json
+from dataclasses import dataclass
+
+import pytest
+
+from common import Example, load_model, load_task, parse_args
+
+
+def write_lines(path, records):
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records))
+    return str(path)
+
+
+def test_gsm8k_schema(tmp_path):
+    path = write_lines(tmp_path / "gsm.jsonl", [
+        {"question": "Natalia sold 48 clips...", "answer": "She sold 48/2 = <<48/2=24>>24 in May.\n#### 1,072"}])
+    assert load_task(path) == [Example("Natalia sold 48 clips...", "She sold 48/2 = <<48/2=24>>24 in May.", "1072")]
+
+
+def test_question_rationale_answer_schema_and_json_list(tmp_path):
+    records = [{"question": "1+1", "rationale": "1+1=2", "answer": 2}, {"question": "2*3", "rationale": "2*3=6", "answer": "6"}]
+    from_jsonl = load_task(write_lines(tmp_path / "data.jsonl", records))
+    (tmp_path / "data.json").write_text(json.dumps(records))
+    assert from_jsonl == load_task(str(tmp_path / "data.json")) == [Example("1+1", "1+1=2", "2"), Example("2*3", "2*3=6", "6")]
+
+
+def test_folder_with_split_files(tmp_path):
+    write_lines(tmp_path / "train.jsonl", [{"question": "q1", "rationale": "r", "answer": "1"}])
+    write_lines(tmp_path / "test.jsonl", [{"question": "q2", "rationale": "r", "answer": "2"}])
+    assert load_task(str(tmp_path), "test")[0].question == "q2"
+
+
+def test_math_and_svamp_records(tmp_path):
+    path = write_lines(tmp_path / "mixed.jsonl", [
+        {"problem": "Half of 1?", "solution": "It is $\\boxed{\\frac{1}{2}}$."},
+        {"Body": "Tom has 3 apples.", "Question": "How many after 2 more?", "Equation": "( 3.0 + 2.0 )", "Answer": 5.0}])
+    math_example, svamp_example = load_task(path)
+    assert math_example.answer == "\\frac{1}{2}"
+    assert svamp_example == Example("Tom has 3 apples. How many after 2 more?", "( 3.0 + 2.0 ) = 5", "5")
+
+
+@pytest.mark.parametrize("bad_line, problem", [
+    ({"question": "q", "answer": "no final marker"}, "missing or bad field"),
+    ({"rationale": "r", "answer": "1"}, "missing or bad field"),
+    ("{not json", "not valid JSON"),
+])
+def test_malformed_line_names_the_file_and_line(tmp_path, bad_line, problem):
+    path = write_lines(tmp_path / "bad.jsonl", [{"question": "q", "rationale": "r", "answer": "1"}, bad_line])
+    with pytest.raises(SystemExit, match=rf"bad\.jsonl line 2: {problem}"):
+        load_task(path)
+
+
+def test_empty_file_and_unknown_names_stop_clearly(tmp_path):
+    (tmp_path / "empty.jsonl").write_text("\n")
+    with pytest.raises(SystemExit, match="has no examples"):
+        load_task(str(tmp_path / "empty.jsonl"))
+    with pytest.raises(SystemExit, match="unknown task 'gsm9k'"):
+        load_task("gsm9k")
+    with pytest.raises(SystemExit, match="unknown task"):
+        load_task(str(tmp_path / "missing.jsonl"))
+    with pytest.raises(SystemExit, match="unknown arith knobs"):
+        load_task("arith:depth=3")
+
+
+def test_unknown_model_name_stops_before_any_download():
+    with pytest.raises(SystemExit, match="unknown model 'llama-9000'.*deepseek-math-7b"):
+        load_model("llama-9000")
+
+
+def test_arith_is_seeded_disjoint_and_correct():
+    train, test = load_task("arith", "train"), load_task("arith", "test")
+    assert train == load_task("arith", "train")
+    assert not {e.question for e in train} & {e.question for e in test}
+    for example in train[:300] + test:
+        assert eval(example.question) == int(example.answer)  # the expression means what the rationale computes
+        lines = example.rationale.split("\n")
+        for line in lines:
+            lhs, rhs = line.split("=")
+            assert eval(lhs) == int(rhs)
+        assert lines[-1].endswith("=" + example.answer)
+
+
+def test_arith_knobs():
+    examples = load_task("arith:steps=2,digits=3,n_train=50", "train")
+    assert len(examples) == 50
+    assert all(len(e.rationale.split("\n")) == 2 for e in examples)
+
+
+@dataclass
+class Args:
+    lr: float = 1e-5
+    """peak learning rate"""
+    name: str = "base"
+    """a name"""
+    steps: int = 3
+    flag: bool = False
+
+
+def test_parse_args_preset_then_explicit_flags():
+    presets = {"toy": dict(lr=3e-3, name="toy", flag=True)}
+    assert parse_args(Args, presets, []) == Args()
+    assert parse_args(Args, presets, ["--preset", "toy"]) == Args(lr=3e-3, name="toy", flag=True)
+    assert parse_args(Args, presets, ["--preset", "toy", "--lr", "0.5", "--no-flag", "--steps", "7"]) == \
+        Args(lr=0.5, name="toy", steps=7, flag=False)
+
+
+def test_parse_args_help_uses_field_docstrings(capsys):
+    with pytest.raises(SystemExit):
+        parse_args(Args, {}, ["--help"])
+    assert "peak learning rate" in capsys.readouterr().out
+
+
+def test_parse_args_rejects_bad_flags_and_presets():
+    with pytest.raises(SystemExit):
+        parse_args(Args, {"toy": {}}, ["--preset", "tyo"])
+    with pytest.raises(SystemExit, match="unknown fields"):
+        parse_args(Args, {"toy": {"epochs": 3}}, ["--preset", "toy"])
+    with pytest.raises(SystemExit):
+        parse_args(Args, {}, ["--steps", "three"])
