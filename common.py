@@ -14,7 +14,10 @@ import math
 import os
 import random
 import re
-import textwrap
+import resource
+import subprocess
+import sys
+import tempfile
 from collections import Counter
 from fractions import Fraction
 
@@ -23,23 +26,20 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
-
 def fail(message):
     """Stop with one clear sentence (bad flag, missing file, malformed data...)."""
     raise SystemExit(f"error: {message}")
-
 
 # ---------------------------------------------------------------- arguments
 def _field_docs(cls):
     """The docstring under each dataclass field (CleanRL style), used as its --help text."""
     try:
-        body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
+        body = ast.parse(inspect.getsource(cls)).body[0].body
     except (OSError, TypeError):
         return {}
     return {node.target.id: doc.value.value for node, doc in zip(body, body[1:])
             if isinstance(node, ast.AnnAssign) and isinstance(doc, ast.Expr)
             and isinstance(doc.value, ast.Constant) and isinstance(doc.value.value, str)}
-
 
 def parse_args(cls, presets=None, argv=None):
     """argparse from a dataclass; `--preset NAME` applies presets[NAME] before explicit flags."""
@@ -51,10 +51,8 @@ def parse_args(cls, presets=None, argv=None):
     docs, names = _field_docs(cls), [f.name for f in dataclasses.fields(cls)]
     for f in dataclasses.fields(cls):
         kind = f.type if isinstance(f.type, type) else {"int": int, "float": float, "str": str, "bool": bool}[f.type]
-        if kind is bool:
-            parser.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=f.default, help=docs.get(f.name))
-        else:
-            parser.add_argument(f"--{f.name}", type=kind, default=f.default, help=docs.get(f.name))
+        how = dict(action=argparse.BooleanOptionalAction) if kind is bool else dict(type=kind)
+        parser.add_argument(f"--{f.name}", default=f.default, help=docs.get(f.name), **how)
     if chosen.preset:
         unknown = set(presets[chosen.preset]) - set(names)
         if unknown:
@@ -62,7 +60,6 @@ def parse_args(cls, presets=None, argv=None):
         parser.set_defaults(**presets[chosen.preset])
     namespace = parser.parse_args(argv)
     return cls(**{name: getattr(namespace, name) for name in names})
-
 
 # ---------------------------------------------------------------- models
 ALIASES = {  # the papers' base models
@@ -79,7 +76,6 @@ ALIASES = {  # the papers' base models
 TINY = dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, intermediate_size=384,
             max_position_embeddings=512, tie_word_embeddings=True)
 
-
 def byte_tokenizer():
     """A byte-level tokenizer built in code: ids 0-255 are bytes, then <s>, </s>, <pad>."""
     from tokenizers import Tokenizer, decoders, models, processors
@@ -90,23 +86,17 @@ def byte_tokenizer():
     backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 256)])
     return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
 
-
-def tiny_model(tokenizer):
-    """A freshly initialised Llama of about 1M parameters for the byte tokenizer (no download)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-    return LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
-                                        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **TINY))
-
-
 def load_model(name_or_path, *, dtype=None, device=None, lora_rank=0, seed=0):
     """(model, tokenizer) from `tiny`, a paper alias, a local checkpoint or a hub id; see DESIGN.md."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     torch.manual_seed(seed)
     source = ALIASES.get(name_or_path, name_or_path)
-    if source == "tiny":
+    if source == "tiny":  # a freshly initialised Llama of about 1M parameters: no download
+        from transformers import LlamaConfig, LlamaForCausalLM
         tokenizer = byte_tokenizer()
-        model = tiny_model(tokenizer).to(dtype)
+        model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), bos_token_id=256, eos_token_id=257,
+                                             pad_token_id=258, **TINY)).to(dtype)
     elif os.path.isdir(source) or re.fullmatch(r"[\w.-]+/[\w.-]+", source):
         try:
             tokenizer = AutoTokenizer.from_pretrained(source)
@@ -130,7 +120,6 @@ def load_model(name_or_path, *, dtype=None, device=None, lora_rank=0, seed=0):
         add_lora(model, lora_rank)
     return model.to(device), tokenizer
 
-
 class LoRALinear(nn.Module):
     """y = W x + (alpha / r) B A x with W frozen; B starts at zero so the wrapped layer starts as W."""
 
@@ -149,7 +138,6 @@ class LoRALinear(nn.Module):
     def merged_weight(self):
         return (self.base.weight.float() + self.scale * self.lora_B @ self.lora_A).to(self.base.weight.dtype)
 
-
 def add_lora(model, rank, alpha=None):
     """Wrap every linear layer of the trunk (not the output head); freeze everything but the adapters."""
     for parameter in model.parameters():
@@ -159,7 +147,6 @@ def add_lora(model, rank, alpha=None):
             if isinstance(child, nn.Linear):
                 setattr(module, name, LoRALinear(child, rank, alpha or 2 * rank))  # fp32 adapters
     return model
-
 
 @contextlib.contextmanager
 def adapters_disabled(model):
@@ -173,7 +160,6 @@ def adapters_disabled(model):
         for layer in layers:
             layer.enabled = True
 
-
 # ---------------------------------------------------------------- tasks
 @dataclasses.dataclass
 class Example:
@@ -181,10 +167,8 @@ class Example:
     rationale: str
     answer: str
 
-
 # The built-in task; `arith:steps=2,digits=3` overrides a knob. Tuned so toy SFT lands at 30-60%.
-ARITH = dict(steps=3, digits=2, n_train=4000, n_test=200, seed=0)
-
+ARITH = dict(steps=3, digits=1, n_train=4000, n_test=200, seed=0)
 
 def arith_example(rng, steps, digits):
     """A multi-step integer expression solved one calculation per line, like a GSM8K rationale."""
@@ -202,7 +186,6 @@ def arith_example(rng, steps, digits):
         value, last_op = result, op
     return Example(expr, "\n".join(lines), str(value))
 
-
 def arith_task(split, steps, digits, n_train, n_test, seed):
     """Seeded; the test questions come first from one stream and never reappear in train."""
     rng, seen, out = random.Random(seed), set(), {"test": [], "train": []}
@@ -214,77 +197,58 @@ def arith_task(split, steps, digits, n_train, n_test, seed):
                 out[name].append(example)
     return out[split]
 
-
 HUB_TASKS = {"gsm8k": ("openai/gsm8k", "main"), "svamp": ("ChilleD/SVAMP", None),
              "math": ("DigitalLearningGmbH/MATH-lighteval", "default")}
 
-
-def _record_to_example(record):
-    """Accepts {question, rationale, answer}, GSM8K {question, answer: '...#### x'}, MATH {problem, solution}
-    and SVAMP {Body, Question, Equation, Answer}."""
-    if "problem" in record and "solution" in record:
-        return Example(record["problem"], record["solution"], extract_answer(record["solution"]) or "")
-    if "Body" in record:
-        answer = f"{float(record['Answer']):g}"
-        return Example(f"{record['Body'].strip()} {record['Question'].strip()}", f"{record['Equation'].strip()} = {answer}", answer)
-    question, answer = record["question"], str(record["answer"])
-    if "rationale" in record:
-        return Example(question, record["rationale"], answer)
-    if "####" not in answer:
-        raise KeyError("rationale")
-    rationale, final = answer.rsplit("####", 1)
-    return Example(question, rationale.strip(), final.strip().replace(",", ""))
-
-
-def _read_records(path):
-    if path.endswith(".json"):
-        with open(path) as f:
-            records = json.load(f)
-        if not isinstance(records, list):
-            fail(f"{path}: expected a JSON list of records")
-        return list(enumerate(records, 1))
-    with open(path) as f:
-        lines = [(i, line) for i, line in enumerate(f, 1) if line.strip()]
-    records = []
-    for i, line in lines:
-        try:
-            records.append((i, json.loads(line)))
-        except json.JSONDecodeError:
-            fail(f"{path} line {i}: not valid JSON")
-    return records
-
+def _record_to_example(record, where):
+    """An Example from {question, rationale, answer}, GSM8K {question, answer: '...#### x'}, MATH {problem,
+    solution}, SVAMP {Body, Question, Equation, Answer} or ReFT {question, answer_cot, answer_value}."""
+    try:
+        record = json.loads(record) if isinstance(record, str) else record
+        if "problem" in record and "solution" in record:
+            return Example(record["problem"], record["solution"], extract_answer(record["solution"]) or "")
+        if "Body" in record:
+            answer = f"{float(record['Answer']):g}"
+            return Example(f"{record['Body'].strip()} {record['Question'].strip()}", f"{record['Equation'].strip()} = {answer}", answer)
+        if "answer_cot" in record:
+            return Example(record["question"], record["answer_cot"], str(record["answer_value"]))
+        if "rationale" in record:
+            return Example(record["question"], record["rationale"], str(record["answer"]))
+        rationale, final = record["answer"].rsplit("####", 1)
+        return Example(record["question"], rationale.strip(), final.strip().replace(",", ""))
+    except json.JSONDecodeError:
+        fail(f"{where}: not valid JSON")
+    except (KeyError, TypeError, ValueError, AttributeError) as error:
+        fail(f"{where}: missing or bad field {error}; each record needs question, rationale and answer, "
+             f"or GSM8K's question and answer ending in '#### x'")
 
 def load_task(name_or_path, split="train"):
-    """list[Example] for `arith`, a hub task (gsm8k, math, svamp), a .jsonl/.json file, or a folder
-    holding {split}.jsonl; a file is used as it is, whatever the split."""
+    """list[Example] from `arith`, a hub task (gsm8k, math, svamp), a .jsonl/.json file (used whatever the
+    split), or a folder holding {split}.jsonl."""
     name, _, knobs = name_or_path.partition(":")
     if name == "arith":
-        try:
-            overrides = {k: int(v) for k, v in (kv.split("=") for kv in knobs.split(",") if kv)}
-        except ValueError:
-            fail(f"bad arith knobs {knobs!r}: write them as arith:steps=3,digits=2")
-        if set(overrides) - set(ARITH):
-            fail(f"unknown arith knobs {sorted(set(overrides) - set(ARITH))}: known are {sorted(ARITH)}")
-        examples = arith_task(split, **(ARITH | overrides))
+        overrides = dict(knob.partition("=")[::2] for knob in knobs.split(",") if knob)
+        if not set(overrides) <= set(ARITH) or not all(v.isdigit() for v in overrides.values()):
+            fail(f"bad arith knobs {knobs!r}: write e.g. arith:steps=3,digits=1 with knobs from {sorted(ARITH)}")
+        examples = arith_task(split, **(ARITH | {k: int(v) for k, v in overrides.items()}))
     elif name_or_path in HUB_TASKS:
         import datasets
         hub_id, config = HUB_TASKS[name_or_path]
-        examples = [_record_to_example(r) for r in datasets.load_dataset(hub_id, config, split=split)]
+        rows = datasets.load_dataset(hub_id, config, split=split)
+        examples = [_record_to_example(row, f"{hub_id} row {i}") for i, row in enumerate(rows)]
     else:
         path = os.path.join(name_or_path, f"{split}.jsonl") if os.path.isdir(name_or_path) else name_or_path
         if not path.endswith((".jsonl", ".json")) or not os.path.isfile(path):
             fail(f"unknown task {name_or_path!r}: use arith, gsm8k, math, svamp, or an existing .jsonl/.json file")
-        examples = []
-        for i, record in _read_records(path):
-            try:
-                examples.append(_record_to_example(record))
-            except (KeyError, TypeError, ValueError) as error:
-                fail(f"{path} line {i}: missing or bad field {error}; each record needs question, rationale "
-                     f"and answer, or GSM8K's question and answer ending in '#### x'")
+        with open(path) as f:
+            records = json.load(f) if path.endswith(".json") else f.readlines()
+        if not isinstance(records, list):
+            fail(f"{path}: expected a JSON list of records")
+        examples = [_record_to_example(record, f"{path} line {i}") for i, record in enumerate(records, 1)
+                    if not isinstance(record, str) or record.strip()]
     if not examples:
         fail(f"task {name_or_path!r} has no examples in split {split!r}")
     return examples
-
 
 # ---------------------------------------------------------------- sampling and log-probs
 @dataclasses.dataclass
@@ -293,17 +257,9 @@ class Completion:
     token_ids: list  # generated tokens only, up to and including EOS when emitted
     finished: bool  # ended at EOS or a stop string (False: hit the length limit)
 
-
 def positions_from_mask(attention_mask):
     """Per-row positions that skip left padding, as generate() and every training forward use."""
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-
-
-def eos_ids(model, tokenizer):
-    ids = model.generation_config.eos_token_id
-    ids = set(ids if isinstance(ids, list) else [ids]) | {tokenizer.eos_token_id}
-    return sorted(i for i in ids if i is not None)
-
 
 def _next_tokens(logits, temperature, top_p):
     if temperature == 0:
@@ -315,7 +271,6 @@ def _next_tokens(logits, temperature, top_p):
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
     return torch.multinomial(probs, 1).squeeze(-1)
 
-
 def _generate_batch(model, tokenizer, prompts, max_new_tokens, temperature, top_p, stop):
     enc = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left").to(model.device)
     input_ids, mask = enc["input_ids"], enc["attention_mask"]
@@ -323,7 +278,9 @@ def _generate_batch(model, tokenizer, prompts, max_new_tokens, temperature, top_
     if input_ids.shape[1] >= context:
         fail(f"a prompt has {input_ids.shape[1]} tokens but the model's context is {context}: shorten the prompts")
     max_new_tokens = int(min(max_new_tokens, context - input_ids.shape[1]))
-    eos = torch.tensor(eos_ids(model, tokenizer), device=model.device)
+    eos = model.generation_config.eos_token_id
+    eos = torch.tensor([i for i in {tokenizer.eos_token_id, *(eos if isinstance(eos, list) else [eos])} if i is not None],
+                       device=model.device)
     rows = len(prompts)
     generated, done, stopped = [[] for _ in range(rows)], [False] * rows, [False] * rows
     cache, positions, step_ids = DynamicCache(config=model.config), positions_from_mask(mask), input_ids
@@ -354,7 +311,6 @@ def _generate_batch(model, tokenizer, prompts, max_new_tokens, temperature, top_
         completions.append(Completion(text, generated[row], done[row]))
     return completions
 
-
 @torch.no_grad()
 def generate(model, tokenizer, prompts, *, max_new_tokens, temperature=0.0, top_p=1.0, n=1, stop=None, batch_size=None):
     """Own decode loop with a KV cache; n completions per prompt, prompt-major. Greedy when temperature=0."""
@@ -371,20 +327,17 @@ def generate(model, tokenizer, prompts, *, max_new_tokens, temperature=0.0, top_
     model.train(was_training)
     return results
 
-
 def _chunk_logprobs(head, hidden, targets, temperature):
-    logits = head(hidden).float() / temperature
+    logits = head(hidden).float().div_(temperature)  # in place: one chunk-sized buffer less
     return logits.log_softmax(-1).gather(-1, targets[:, None]).squeeze(-1)
 
-
-def token_logprobs(model, input_ids, attention_mask, *, temperature=1.0, chunk_elements=2 ** 23):
+def token_logprobs(model, input_ids, attention_mask, *, temperature=1.0, return_hidden=False, chunk_elements=2 ** 23):
     """log p(input_ids[:, t+1] | prefix) as [B, L-1]; 0 where the target or the token before it is padding.
 
-    Positions come from the mask (left or right padding). Logits are made chunk by chunk from the
-    last hidden state, and under autograd each chunk is recomputed in backward, so no float32 copy
-    of all B*L*V logits ever exists. Assumes logits = output_embeddings(last hidden state), which
-    holds for the Llama, Mistral, GPT-2 and OPT families.
-    """
+    Positions come from the mask (left or right padding). Logits are made chunk by chunk from the last
+    hidden state, each chunk recomputed in backward, so no float32 copy of all B*L*V logits ever exists
+    (assumes logits = output_embeddings(hidden), true of the Llama, Mistral, GPT-2 and OPT families).
+    return_hidden=True also returns the last hidden state [B, L, H], for a value head on the trunk."""
     hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask,
                               position_ids=positions_from_mask(attention_mask), use_cache=False).last_hidden_state
     head = model.get_output_embeddings()
@@ -397,22 +350,18 @@ def token_logprobs(model, input_ids, attention_mask, *, temperature=1.0, chunk_e
             pieces.append(torch.utils.checkpoint.checkpoint(_chunk_logprobs, *args, use_reentrant=False))
         else:
             pieces.append(_chunk_logprobs(*args))
-    return torch.cat(pieces).view(input_ids.shape[0], -1) * attention_mask[:, 1:] * attention_mask[:, :-1]
-
+    logprobs = torch.cat(pieces).view(input_ids.shape[0], -1) * attention_mask[:, 1:] * attention_mask[:, :-1]
+    return (logprobs, hidden) if return_hidden else logprobs
 
 def encode_pair(tokenizer, prompt, target):
     """(prompt_ids, target_ids): prompt with the tokenizer's defaults (its BOS), target + EOS.
 
     The target is cut from the joint tokenisation so its first token is the one the model sees
     after the prompt (sentencepiece would otherwise add a word-start marker)."""
-    prompt_ids = tokenizer(prompt)["input_ids"]
-    joint = tokenizer(prompt + target)["input_ids"]
-    if joint[:len(prompt_ids)] == prompt_ids:
-        target_ids = joint[len(prompt_ids):]
-    else:
-        target_ids = tokenizer(target, add_special_tokens=False)["input_ids"]
+    prompt_ids, joint = tokenizer(prompt)["input_ids"], tokenizer(prompt + target)["input_ids"]
+    same_prefix = joint[:len(prompt_ids)] == prompt_ids
+    target_ids = joint[len(prompt_ids):] if same_prefix else tokenizer(target, add_special_tokens=False)["input_ids"]
     return prompt_ids, target_ids + [tokenizer.eos_token_id]
-
 
 def batch_sequences(prompts, responses, pad_id, device):
     """Right-padded prompt+response ids, the attention mask and the response mask, from lengths.
@@ -430,10 +379,8 @@ def batch_sequences(prompts, responses, pad_id, device):
         response_mask[row, max(len(prompt) - 1, 0):lengths[row] - 1] = 1
     return input_ids.to(device), attention_mask.to(device), response_mask.to(device)
 
-
 # ---------------------------------------------------------------- answers
 _TRIGGER = re.compile(r"(?:####|answer is:?)[ \t]*([^\n]*)", re.IGNORECASE)
-
 
 def _braced(text, start):
     """The content of the brace group opening at text[start], or None if it never closes."""
@@ -443,7 +390,6 @@ def _braced(text, start):
         if depth == 0:
             return text[start + 1:i]
     return None
-
 
 def extract_answer(text):
     """The final answer: `#### x`, `The answer is x`, `the answer is: x`, `\\boxed{x}` or
@@ -461,21 +407,6 @@ def extract_answer(text):
     found = [item for item in found if item[1]]
     return max(found)[1] if found else None
 
-
-def _fix_fracs(s):
-    """Hendrycks: \\frac12 -> \\frac{1}{2}, \\frac1{2} -> \\frac{1}{2}."""
-    head, *parts = s.split("\\frac")
-    for part in parts:
-        head += "\\frac"
-        if part[:1] == "{" or len(part) < 2:
-            head += part
-        elif part[1:2] == "{":
-            head += "{" + part[0] + "}" + part[1:]
-        else:
-            head += "{" + part[0] + "}{" + part[1] + "}" + part[2:]
-    return head
-
-
 def normalize_answer(answer):
     """Hendrycks MATH normalisation, plus thousands separators and a trailing period."""
     s = str(answer).strip().replace("\n", "").replace("\\!", "").replace("\\\\", "\\")
@@ -487,11 +418,11 @@ def normalize_answer(answer):
     if len(s.split("=")) == 2 and len(s.split("=")[0].strip()) <= 2:
         s = s.split("=")[1]  # "k = 5" -> "5"
     s = re.sub(r"\\sqrt(\w)", r"\\sqrt{\1}", s).replace(" ", "")
-    s = _fix_fracs(s)
+    s = re.sub(r"\\frac([^{\\])([^{\\])", r"\\frac{\1}{\2}", s)  # \frac12 -> \frac{1}{2}
+    s = re.sub(r"\\frac([^{\\])\{", r"\\frac{\1}{", s)  # \frac1{2} -> \frac{1}{2}
     if re.fullmatch(r"-?\d{1,3}(,\d{3})+(\.\d+)?", s):
         s = s.replace(",", "")
     return s
-
 
 def _as_number(s):
     """An exact rational for an integer, decimal, a/b or \\frac{a}{b}; None for anything else."""
@@ -505,7 +436,6 @@ def _as_number(s):
     except ZeroDivisionError:
         return None
 
-
 def is_equiv(pred, gold):
     """Numbers compared exactly as rationals (0.5 = 1/2 = \\frac12, 1,000 = 1000, 72.0 = 72),
     anything else as Hendrycks-normalised strings."""
@@ -517,15 +447,10 @@ def is_equiv(pred, gold):
         return x == y
     return bool(a) and a == b
 
-
 def majority_answer(answers):
-    """The most frequent extracted answer (ties: the first seen), grouping equivalent spellings."""
+    """The most frequent answer (ties: the first seen), grouping equivalent spellings; None if none."""
     counts = Counter(normalize_answer(a) for a in answers if a is not None)
-    if not counts:
-        return None
-    key = counts.most_common(1)[0][0]
-    return next(a for a in answers if a is not None and normalize_answer(a) == key)
-
+    return next((a for a in answers if a is not None and normalize_answer(a) == counts.most_common(1)[0][0]), None)
 
 def evaluate(model, tokenizer, examples, prompt_fn, *, max_new_tokens=512, n=1, temperature=0.7,
              batch_size=64, stop=None):
@@ -545,6 +470,21 @@ def evaluate(model, tokenizer, examples, prompt_fn, *, max_new_tokens=512, n=1, 
         metrics[f"maj@{n}"] = sum(is_equiv(v, e.answer) for v, e in zip(votes, examples)) / len(examples)
     return metrics | {"records": records}
 
+# ---------------------------------------------------------------- model-written programs
+def run_sandboxed(code, *, timeout=10.0, memory_mb=1024):
+    """(exited cleanly, stdout) of untrusted Python run in a separate isolated interpreter, in an empty
+    folder with no environment, limited in wall time, CPU time, memory and file size."""
+    def limits():
+        resource.setrlimit(resource.RLIMIT_AS, (memory_mb * 2 ** 20, memory_mb * 2 ** 20))
+        resource.setrlimit(resource.RLIMIT_CPU, (math.ceil(timeout), math.ceil(timeout)))
+        resource.setrlimit(resource.RLIMIT_FSIZE, (2 ** 20, 2 ** 20))
+    with tempfile.TemporaryDirectory() as folder:
+        try:
+            done = subprocess.run([sys.executable, "-I", "-c", code], cwd=folder, env={}, capture_output=True,
+                                  text=True, timeout=timeout, preexec_fn=limits)
+        except subprocess.TimeoutExpired:
+            return False, ""
+    return done.returncode == 0, done.stdout
 
 # ---------------------------------------------------------------- saving and logging
 def save(model, tokenizer, out_dir, args=None):
@@ -564,7 +504,6 @@ def save(model, tokenizer, out_dir, args=None):
     if args is not None:
         with open(os.path.join(out_dir, "args.json"), "w") as f:
             json.dump(dataclasses.asdict(args), f, indent=2)
-
 
 class Logger:
     """Metrics to stdout and out_dir/metrics.jsonl; samples to out_dir/samples.jsonl."""

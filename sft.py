@@ -33,6 +33,7 @@ from common import (Logger, batch_sequences, encode_pair, evaluate, fail, load_m
 
 TEMPLATES = {  # PAPERS 1.2: (prompt, target); the target gets EOS appended at tokenisation
     "reft": ("Question:\n{question}\nAnswer reasoning:\n", "{rationale}\nTherefore, the answer is: {answer}"),
+    "reft_program": ("Question:\n{question}\nAnswer reasoning:\n", "{rationale}"),  # the rationale is the program
     "self_explore": ("{question}\n", "{rationale}\nThe answer is {answer}"),
     "gsi": ("Below is a math problem, please give a step-by-step answer.\n\n### Question:\n{question}\n\n"
             "### Your step-by-step answer:\n", "{rationale}\nThe answer is {answer}"),

@@ -59,7 +59,7 @@ def test_empty_file_and_unknown_names_stop_clearly(tmp_path):
         load_task("gsm9k")
     with pytest.raises(SystemExit, match="unknown task"):
         load_task(str(tmp_path / "missing.jsonl"))
-    with pytest.raises(SystemExit, match="unknown arith knobs"):
+    with pytest.raises(SystemExit, match="bad arith knobs"):
         load_task("arith:depth=3")
 
 

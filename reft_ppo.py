@@ -1,0 +1,434 @@
+"""ReFT: Reasoning with Reinforced Fine-Tuning.
+
+Trung Quoc Luong, Xinbo Zhang, Zhanming Jie, Peng Sun, Xiaoran Jin, Hang Li (ByteDance Research),
+ACL 2024, arXiv 2401.08967. Official code: lqtrung1998/mwp_ReFT (train_rl_reft.py). PAPERS.md s.2.
+
+A short supervised warm-up, then PPO on the same training questions. The policy samples one
+reasoning path per question per rollout; the reward compares its final answer with the gold one
+(1 right, 0.1 for a wrong but extractable number, 0 otherwise); a per-token KL penalty to the
+frozen warm-up model is folded into the reward; GAE turns rewards into advantages; the critic is a
+scalar value head on the policy's own trunk. Natural-language CoT, or program CoT, where the model
+writes a Python solution() that runs in a sandboxed subprocess.
+
+    python reft_ppo.py --model codellama-7b --task gsm8k                      # N-CoT, paper settings
+    python reft_ppo.py --preset program --model codellama-7b --task gsm8k_python_sdp.json
+    python reft_ppo.py --preset toy                               # from runs/toy-sft on arith, CPU
+    python reft_ppo.py --preset toy --mode vote --model runs/toy-reft         # Voting@k
+    python reft_ppo.py --preset toy --mode rerank --model runs/toy-reft       # Rerank@k
+
+Implements Section 2.1 step by step (warm-up, value head, rollout, terminal reward, old
+quantities, KL-shaped reward, GAE, whitening, clipped PPO) and the inference extensions of 2.3.
+
+Deviations, each also in the README (PAPERS 2.5, 2.6):
+- The value head starts at zero (the OpenAI convention), so the first values are zero; the
+  official code uses the library's random init (`--value_head_init default`).
+- A response cut at the length limit gets its reward on its last generated token (the official
+  code puts it one token earlier); `--truncation_penalty` is subtracted from it (0 = the paper).
+- Prompts longer than --max_prompt_tokens are dropped (counted), not cut.
+- Programs run in a subprocess with time, memory and file limits (the official code uses exec).
+- The reported checkpoint is the last one (the official `best/` is the best epoch on the test set).
+- Prompts carry the tokenizer's BOS, as in sft.py.
+"""
+import copy
+import random
+import time
+from collections import Counter
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+import sft
+from common import (Logger, adapters_disabled, batch_sequences, extract_answer, fail, generate, load_model, load_task,
+                    normalize_answer, parse_args, run_sandboxed, save, token_logprobs)
+
+
+@dataclass
+class Args:
+    model: str = "codellama-7b"  # paper: CodeLlama-7B and Galactica-6.7B
+    """base model (or an already warmed-up checkpoint with --warmup_epochs 0)"""
+    task: str = "gsm8k"
+    """gsm8k, svamp, arith, or a .jsonl/.json file (ReFT's {question, answer_cot, answer_value} works)"""
+    cot: str = "nl"
+    """nl: natural-language CoT with an answer trigger; program: the model writes def solution()"""
+    template: str = "reft"
+    """prompt template (sft.TEMPLATES); reft for the paper"""
+    mode: str = "train"
+    """train: warm-up + PPO; vote: Voting@k of --model; rerank: Rerank@k of --model"""
+    out_dir: str = "runs/reft"
+    """where checkpoints, metrics.jsonl and samples.jsonl go"""
+    warmup_epochs: int = 2  # paper: the epoch-2 checkpoint of a 40-epoch SFT schedule
+    """warm-up SFT epochs (0: --model is already warmed up)"""
+    warmup_schedule_epochs: int = 40  # paper
+    """epochs the warm-up LR schedule is computed for"""
+    warmup_lr: float = 1e-5  # paper
+    """warm-up SFT learning rate"""
+    warmup_batch_size: int = 48  # paper
+    """warm-up SFT sequences per optimiser step"""
+    epochs: int = 300  # paper
+    """PPO epochs over the training questions"""
+    n_train: int = 0
+    """use the first n training questions (0: all)"""
+    rollout_batch_size: int = 32  # paper: 4 per GPU x 8 GPUs
+    """questions per rollout, one sampled path each"""
+    micro_batch_size: int = 4  # paper: 4 per GPU
+    """sequences per forward/backward in the PPO update"""
+    ppo_epochs: int = 2  # paper
+    """passes over each rollout batch; each pass is one optimiser step"""
+    lr: float = 3e-7  # paper: constant, no warm-up
+    """PPO learning rate"""
+    kl_coef: float = 0.05  # paper: 0.05 N-CoT, 0.01 P-CoT (--preset program)
+    """beta of the per-token KL penalty in the reward"""
+    gamma: float = 1.0  # paper
+    """GAE discount"""
+    lam: float = 0.95  # paper
+    """GAE lambda"""
+    clip_range: float = 0.2  # official code: hard-coded
+    """PPO ratio clip"""
+    value_clip_range: float = 0.2  # official code: hard-coded
+    """value clip, in reward units"""
+    vf_coef: float = 5.0  # paper
+    """weight of the value loss"""
+    partial_reward: float = 0.1  # paper
+    """reward for a wrong but extractable numeric answer"""
+    truncation_penalty: float = 0.0  # our flag; 0 = the paper
+    """subtracted from the reward of a response that hit the length limit"""
+    temperature: float = 1.0  # paper: the model default, with top_k 0 and top_p 1
+    """sampling temperature of rollouts (and of every log-prob in the ratio and the KL)"""
+    max_prompt_tokens: int = 300  # paper
+    """longer prompts are dropped"""
+    max_total_tokens: int = 700  # paper: prompt + response
+    """length limit of prompt + response"""
+    value_head_init: str = "zero"
+    """zero (first values are 0) or default (the library's random init, as the official code)"""
+    program_timeout: float = 10.0  # paper
+    """seconds a model-written program may run"""
+    eval_max_new_tokens: int = 700
+    """generation budget at evaluation"""
+    n_eval: int = 0
+    """evaluate on the first n test questions (0: all)"""
+    vote_k: int = 100  # paper: Voting@100, Rerank@100
+    """samples per test question for --mode vote and rerank (temperature 1.0)"""
+    rerank_sampler: str = ""
+    """rerank: the warm-up model whose training samples teach the classifier (default: --model)"""
+    rerank_samples: int = 100  # paper
+    """rerank: samples per training question for the classifier's data"""
+    rerank_lr: float = 1e-6  # paper
+    """rerank: classifier learning rate (linear schedule, 10% warm-up)"""
+    rerank_epochs: int = 3  # paper
+    """rerank: classifier epochs"""
+    rerank_batch_size: int = 24  # paper: 3 x 8 GPUs
+    """rerank: classifier batch size"""
+    lora_rank: int = 0
+    """LoRA rank (0: full fine-tuning); the reference is then the model with adapters off"""
+    seed: int = 42  # paper: 42 + rank
+    """seed for sampling and shuffling"""
+
+
+PRESETS = {
+    "program": dict(cot="program", kl_coef=0.01),  # paper: P-CoT
+    # The toy world: start from runs/toy-sft (already warmed up) and share its template.
+    "toy": dict(model="runs/toy-sft", task="arith", template="self_explore", out_dir="runs/toy-reft", warmup_epochs=0,
+                epochs=5, micro_batch_size=32, lr=2e-5, max_total_tokens=128, eval_max_new_tokens=96,
+                vote_k=16, rerank_samples=8, rerank_lr=1e-4, rerank_batch_size=32, seed=0),
+}
+TOY = PRESETS["toy"]
+
+
+# ---------------------------------------------------------------- ALGO: answers and rewards (2.2, step 4)
+def numeric_answer(text):
+    """N-CoT: the text after the last answer trigger, as a number; None if absent or not a number."""
+    answer = extract_answer(text)
+    try:
+        return float(normalize_answer(answer)) if answer is not None else None
+    except ValueError:
+        return None
+
+
+def program_answer(prompt, completion, timeout):
+    """P-CoT: `def solution` up to the first blank line, run in a sandbox; float(solution()) or None."""
+    program = prompt[prompt.rindex("def solution():"):] + completion
+    lines = []
+    for line in program.split("\n"):
+        if not line.strip():
+            break
+        lines.append(line)
+    code = "import math\ntry:\n    import sympy\nexcept ImportError:\n    pass\n" + "\n".join(lines).replace("sys.exit", "print")
+    ok, out = run_sandboxed(code + "\nprint(float(solution()))", timeout=timeout)
+    try:
+        return float(out.split()[-1]) if ok else None
+    except (ValueError, IndexError):
+        return None
+
+
+def terminal_reward(pred, gold, partial_reward):
+    """Step 4: 1 if |pred - gold| <= 1e-2 (2.2), partial_reward if a number was extracted but is wrong, else 0."""
+    if pred is None:
+        return 0.0
+    return 1.0 if abs(pred - float(gold)) <= 1e-2 else partial_reward
+
+
+# ---------------------------------------------------------------- ALGO: PPO (2.1, steps 6-9)
+def kl_shaped_rewards(scores, old_logprobs, ref_logprobs, mask, kl_coef):
+    """Step 6: r_t = R * 1[t = T] - beta * (log pi_old - log pi_ref), T = the last response token (EOS when emitted)."""
+    kl = (old_logprobs - ref_logprobs) * mask
+    rewards = -kl_coef * kl
+    last = mask.cumsum(1).argmax(1)  # first index where the running count peaks = the last response token
+    rewards[torch.arange(len(scores)), last] += scores
+    return rewards, kl
+
+
+def gae(rewards, values, mask, gamma, lam):
+    """Step 7: delta_t = r_t + gamma V(s_t+1) - V(s_t), A_t = sum_l (gamma lam)^l delta_t+l, V = 0 after the last
+    action; returns R_t = A_t + V(s_t)."""
+    values = values * mask
+    advantages, running = torch.zeros_like(rewards), torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(rewards.shape[1])):
+        next_value = values[:, t + 1] if t + 1 < rewards.shape[1] else 0.0
+        running = rewards[:, t] + gamma * next_value - values[:, t] + gamma * lam * running
+        advantages[:, t] = running
+    advantages = advantages * mask
+    return advantages, advantages + values
+
+
+def whiten(advantages, mask):
+    """Step 8: (A - mean) / sqrt(var + 1e-8) over every response token of the rollout batch; mean not restored."""
+    count = mask.sum()
+    if count < 2:
+        fail("a rollout batch has fewer than 2 response tokens: raise --max_total_tokens")
+    mean = (advantages * mask).sum() / count
+    variance = ((advantages - mean) ** 2 * mask).sum() / (count - 1)
+    return (advantages - mean) * torch.rsqrt(variance + 1e-8) * mask
+
+
+def ppo_losses(logprobs, values, batch, clip_range, value_clip_range):
+    """Step 9, per sequence (token mean): max(-A rho, -A clip(rho, 1-eps, 1+eps)) and
+    1/2 max((V - R)^2, (V_clip - R)^2) with V_clip = V_old + clip(V - V_old, -eps_v, eps_v)."""
+    mask, advantages, returns = batch["mask"], batch["advantages"], batch["returns"]
+    ratio = torch.exp(logprobs - batch["old_logprobs"])
+    policy_loss = torch.max(-advantages * ratio, -advantages * ratio.clamp(1 - clip_range, 1 + clip_range))
+    values_clipped = batch["old_values"] + (values - batch["old_values"]).clamp(-value_clip_range, value_clip_range)
+    value_loss = 0.5 * torch.max((values - returns) ** 2, (values_clipped - returns) ** 2)
+    clipped = ((ratio - 1).abs() > clip_range).float()
+    per_sequence = [(x * mask).sum(1) / mask.sum(1) for x in (policy_loss, value_loss, clipped)]
+    return tuple(per_sequence)
+
+
+# ---------------------------------------------------------------- PLUMBING: policy, rollout, update
+def policy_forward(model, value_head, input_ids, attention_mask, temperature):
+    """Log-probs of each token at the sampling temperature, and V(s_t) from the state before it (shared trunk)."""
+    logprobs, hidden = token_logprobs(model, input_ids, attention_mask, temperature=temperature, return_hidden=True)
+    return logprobs, value_head(hidden[:, :-1].float()).squeeze(-1)
+
+
+def make_prompt(args, question):
+    prompt = sft.prompt_for(args.template, question)
+    return prompt + f'def solution():\n    """{question.strip()}"""\n' if args.cot == "program" else prompt
+
+
+def answer_of(args, prompt, completion_text):
+    if args.cot == "program":
+        return program_answer(prompt, completion_text, args.program_timeout)
+    return numeric_answer(completion_text)
+
+
+def rollout(model, value_head, reference, tokenizer, questions, args):
+    """Steps 3-8 for one batch of questions: sample, score, old quantities, rewards, GAE, whitening."""
+    prompts = [make_prompt(args, ex.question) for ex in questions]
+    prompt_ids = [tokenizer(p)["input_ids"] for p in prompts]
+    start = time.time()
+    completions = generate(model, tokenizer, prompts, temperature=args.temperature, top_p=1.0,  # 3: T = 1, no top-k/p
+                           max_new_tokens=args.max_total_tokens - max(map(len, prompt_ids)))
+    seconds = time.time() - start
+    preds = [answer_of(args, p, c.text) for p, c in zip(prompts, completions)]
+    scores = torch.tensor([terminal_reward(pred, ex.answer, args.partial_reward) - (0 if c.finished else args.truncation_penalty)
+                           for pred, ex, c in zip(preds, questions, completions)], device=model.device)
+    input_ids, attention_mask, mask = batch_sequences(prompt_ids, [c.token_ids for c in completions],
+                                                      tokenizer.pad_token_id, model.device)
+    with torch.no_grad():  # step 5
+        old_logprobs, old_values = policy_forward(model, value_head, input_ids, attention_mask, args.temperature)
+        ref_logprobs = reference(input_ids, attention_mask)
+    rewards, kl = kl_shaped_rewards(scores, old_logprobs, ref_logprobs, mask, args.kl_coef)
+    advantages, returns = gae(rewards, old_values, mask, args.gamma, args.lam)
+    batch = dict(input_ids=input_ids, attention_mask=attention_mask, mask=mask, old_logprobs=old_logprobs,
+                 old_values=old_values, advantages=whiten(advantages, mask), returns=returns)
+    log_ratio = (ref_logprobs - old_logprobs) * mask
+    n_tokens = mask.sum()
+    stats = dict(reward=scores.mean().item(), accuracy=(scores >= 1).float().mean().item(),
+                 kl_k1=(kl.sum() / n_tokens).item(), kl_k3=((log_ratio.exp() - 1 - log_ratio) * mask).sum().item() / n_tokens.item(),
+                 entropy=(-(old_logprobs * mask).sum() / n_tokens).item(), response_length=n_tokens.item() / len(prompts),
+                 eos_rate=sum(c.finished for c in completions) / len(prompts), tokens_per_s=n_tokens.item() / seconds)
+    samples = [dict(question=ex.question, gold=ex.answer, completion=c.text, pred=pred, reward=s)
+               for ex, c, pred, s in zip(questions, completions, preds, scores.tolist())]
+    return batch, stats, samples
+
+
+def ppo_update(model, value_head, optimizer, batch, args):
+    """Step 9: ppo_epochs passes, each one optimiser step over the whole rollout batch (micro-batches accumulate)."""
+    size, totals = len(batch["input_ids"]), Counter()
+    for _ in range(args.ppo_epochs):
+        for rows in torch.randperm(size).split(args.micro_batch_size):
+            micro = {k: v[rows] for k, v in batch.items()}
+            logprobs, values = policy_forward(model, value_head, micro["input_ids"], micro["attention_mask"], args.temperature)
+            policy_loss, value_loss, clip_fraction = ppo_losses(logprobs, values, micro, args.clip_range, args.value_clip_range)
+            loss = (policy_loss.sum() + args.vf_coef * value_loss.sum()) / size  # batch mean of sequence means
+            if not torch.isfinite(loss):
+                fail("non-finite PPO loss: lower --lr")
+            loss.backward()
+            totals.update(policy_loss=policy_loss.sum().item(), value_loss=value_loss.sum().item(),
+                          clip_fraction=clip_fraction.sum().item())
+        torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return {k: v / (size * args.ppo_epochs) for k, v in totals.items()}
+
+
+def sample_answers(model, tokenizer, examples, args, n=1, temperature=0.0):
+    """n answers per question (greedy when temperature is 0), with their prompts and completions."""
+    prompts = [make_prompt(args, ex.question) for ex in examples]
+    completions = generate(model, tokenizer, prompts, max_new_tokens=args.eval_max_new_tokens, n=n,
+                           temperature=temperature, top_p=1.0, batch_size=256)
+    preds = [answer_of(args, prompts[i // n], c.text) for i, c in enumerate(completions)]
+    return [prompts[i // n] for i in range(len(completions))], completions, preds
+
+
+def accuracy(preds, examples):
+    return sum(terminal_reward(p, ex.answer, 0.0) for p, ex in zip(preds, examples)) / len(examples)
+
+
+# ---------------------------------------------------------------- inference extensions (2.3)
+def vote_accuracy(model, tokenizer, examples, args):
+    """Voting@k: majority over the non-empty answers of k samples at T = 1."""
+    _, _, preds = sample_answers(model, tokenizer, examples, args, n=args.vote_k, temperature=1.0)
+    votes = []
+    for i in range(len(examples)):
+        answers = [p for p in preds[i * args.vote_k:(i + 1) * args.vote_k] if p is not None]
+        votes.append(Counter(answers).most_common(1)[0][0] if answers else None)
+    return accuracy(votes, examples)
+
+
+def last_token_hidden(model, input_ids, attention_mask):
+    hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+    return hidden[torch.arange(len(input_ids)), attention_mask.sum(1) - 1].float()
+
+
+def rerank_accuracy(model, tokenizer, train_set, test_set, args):
+    """Rerank@k: a correct/incorrect classifier, initialised from --model, trained on the warm-up model's
+    deduplicated samples of the training questions; at test time the valid sample it scores highest wins."""
+    sampler = load_model(args.rerank_sampler, seed=args.seed)[0] if args.rerank_sampler else model
+    prompts, completions, preds = sample_answers(sampler, tokenizer, train_set, args, n=args.rerank_samples, temperature=1.0)
+    labelled = {(p, c.text): int(terminal_reward(pred, train_set[i // args.rerank_samples].answer, 0.0) == 1.0)
+                for i, (p, c, pred) in enumerate(zip(prompts, completions, preds))}
+    data = [(tokenizer(p + text)["input_ids"], label) for (p, text), label in labelled.items()]
+    classifier = copy.deepcopy(model)
+    head = nn.Linear(classifier.config.hidden_size, 2).to(classifier.device)
+    parameters = [p for p in classifier.parameters() if p.requires_grad] + list(head.parameters())
+    optimizer = torch.optim.AdamW(parameters, lr=args.rerank_lr, eps=1e-8, weight_decay=0.0)
+    total = args.rerank_epochs * -(-len(data) // args.rerank_batch_size)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min((s + 1) / (0.1 * total), (total - s) / (0.9 * total)))
+    classifier.eval()  # dropout off
+    for _ in tqdm(range(args.rerank_epochs), desc="rerank classifier", leave=False):
+        random.shuffle(data)
+        for start in range(0, len(data), args.rerank_batch_size):
+            chunk = data[start:start + args.rerank_batch_size]
+            input_ids, attention_mask, _ = batch_sequences([ids for ids, _ in chunk], [[]] * len(chunk),
+                                                           tokenizer.pad_token_id, classifier.device)
+            logits = head(last_token_hidden(classifier, input_ids, attention_mask))
+            loss = nn.functional.cross_entropy(logits, torch.tensor([y for _, y in chunk], device=classifier.device))
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            optimizer.zero_grad(set_to_none=True)
+    prompts, completions, preds = sample_answers(model, tokenizer, test_set, args, n=args.vote_k, temperature=1.0)
+    picks = []
+    with torch.no_grad():
+        for i in range(len(test_set)):
+            rows = [j for j in range(i * args.vote_k, (i + 1) * args.vote_k) if preds[j] is not None]
+            if not rows:
+                picks.append(None)
+                continue
+            ids = [tokenizer(prompts[j] + completions[j].text)["input_ids"] for j in rows]
+            input_ids, attention_mask, _ = batch_sequences(ids, [[]] * len(ids), tokenizer.pad_token_id, classifier.device)
+            p_correct = head(last_token_hidden(classifier, input_ids, attention_mask)).softmax(-1)[:, 1]
+            picks.append(preds[rows[p_correct.argmax().item()]])
+    return accuracy(picks, test_set), len(data)
+
+
+# ---------------------------------------------------------------- main
+def main(argv=None):
+    args = parse_args(Args, PRESETS, argv)
+    if args.cot not in ("nl", "program") or args.mode not in ("train", "vote", "rerank") or args.template not in sft.TEMPLATES:
+        fail(f"bad --cot {args.cot!r}, --mode {args.mode!r} or --template {args.template!r}: "
+             f"use nl|program, train|vote|rerank and one of {', '.join(sft.TEMPLATES)}")
+    if args.value_head_init not in ("zero", "default"):
+        fail(f"unknown --value_head_init {args.value_head_init!r}: use zero or default")
+    random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    # PLUMBING: data, then the model, before any work
+    train_set, test_set = load_task(args.task, "train"), load_task(args.task, "test")
+    train_set, test_set = train_set[:args.n_train or None], test_set[:args.n_eval or None]
+    model, tokenizer = load_model(args.model, lora_rank=args.lora_rank, seed=args.seed)
+    kept = [ex for ex in train_set if len(tokenizer(make_prompt(args, ex.question))["input_ids"]) <= args.max_prompt_tokens]
+    print(f"{len(kept)} training questions ({len(train_set) - len(kept)} dropped: prompt over {args.max_prompt_tokens} "
+          f"tokens), {len(test_set)} test questions")
+    logger = Logger(args.out_dir)
+    if args.mode == "vote":
+        greedy = accuracy(sample_answers(model, tokenizer, test_set, args)[2], test_set)
+        return logger.log("vote", test_accuracy=greedy, **{f"vote@{args.vote_k}": vote_accuracy(model, tokenizer, test_set, args)})
+    if args.mode == "rerank":
+        reranked, n_data = rerank_accuracy(model, tokenizer, kept, test_set, args)
+        return logger.log("rerank", classifier_examples=n_data, **{f"rerank@{args.vote_k}": reranked})
+
+    # 1. warm-up: SFT from the base model; the result initialises the policy and is the frozen reference
+    if args.warmup_epochs > 0:
+        template = "reft_program" if args.cot == "program" else args.template
+        pairs = [(sft.prompt_for(template, ex.question), sft.target_for(template, ex)) for ex in kept]
+        sft.train(model, tokenizer, pairs, sft.Args(template=template, epochs=args.warmup_epochs, lr=args.warmup_lr,
+                                                    schedule_epochs=args.warmup_schedule_epochs, out_dir=args.out_dir,
+                                                    batch_size=args.warmup_batch_size, seed=args.seed), logger=logger)
+    if args.lora_rank > 0:
+        def reference(input_ids, attention_mask):
+            with adapters_disabled(model):
+                return token_logprobs(model, input_ids, attention_mask, temperature=args.temperature)
+    else:
+        frozen = copy.deepcopy(model).eval().requires_grad_(False)
+
+        def reference(input_ids, attention_mask):
+            return token_logprobs(frozen, input_ids, attention_mask, temperature=args.temperature)
+
+    # 2. the value head on the policy's last hidden state (shared trunk)
+    value_head = nn.Linear(model.config.hidden_size, 1).to(model.device)
+    if args.value_head_init == "zero":
+        nn.init.zeros_(value_head.weight)
+        nn.init.zeros_(value_head.bias)
+    model.eval()  # dropout off everywhere during RL (the official update forward runs in eval mode)
+    parameters = [p for p in model.parameters() if p.requires_grad] + list(value_head.parameters())
+    optimizer = torch.optim.AdamW(parameters, lr=args.lr, eps=1e-8, weight_decay=0.0)  # constant LR
+
+    def log_test_accuracy(step):
+        prompts, completions, preds = sample_answers(model, tokenizer, test_set, args)
+        logger.samples([dict(step=step, question=ex.question, gold=ex.answer, completion=c.text, pred=p)
+                        for ex, c, p in list(zip(test_set, completions, preds))[:10]])
+        logger.log(step, test_accuracy=accuracy(preds, test_set))
+
+    log_test_accuracy("ppo 0")
+    step = 0
+    for epoch in range(1, args.epochs + 1):
+        order = random.sample(kept, len(kept))
+        for start in tqdm(range(0, len(order), args.rollout_batch_size), desc=f"ppo epoch {epoch}", leave=False):
+            # 3.-8. sample one path per question, score it, and turn the rewards into whitened advantages
+            batch, stats, samples = rollout(model, value_head, reference, tokenizer,
+                                            order[start:start + args.rollout_batch_size], args)
+            # 9. the clipped PPO update
+            stats |= ppo_update(model, value_head, optimizer, batch, args)
+            step += 1
+            logger.log(f"rollout {step}", epoch=epoch, **stats)
+            logger.samples([dict(step=step, **s) for s in samples[:2]])
+        log_test_accuracy(f"ppo {epoch}")  # 10. greedy evaluation after every epoch
+    save(model, tokenizer, args.out_dir, args)
+    print(f"saved {args.out_dir}")
+
+
+if __name__ == "__main__":
+    main()

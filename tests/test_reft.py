@@ -1,0 +1,124 @@
+"""reft_ppo.py: rewards, KL placement, GAE, whitening, clipped losses, the sandbox, and a smoke run."""
+import json
+import math
+import os
+import time
+
+import pytest
+import torch
+
+import reft_ppo
+from common import batch_sequences, load_model, run_sandboxed, save
+
+
+def test_gae_matches_a_hand_computed_example():
+    rewards = torch.tensor([[0.0, 0.0, -0.1, 1.0, 0.0]])
+    values = torch.tensor([[5.0, 0.2, 0.4, 0.6, 100.0]])  # position 4 is padding: V = 0 after the last action
+    mask = torch.tensor([[0.0, 1.0, 1.0, 1.0, 0.0]])
+    advantages, returns = reft_ppo.gae(rewards, values, mask, gamma=1.0, lam=0.5)
+    # A3 = 1 - 0.6; A2 = (-0.1 + 0.6 - 0.4) + 0.5 A3; A1 = (0 + 0.4 - 0.2) + 0.5 A2
+    torch.testing.assert_close(advantages, torch.tensor([[0.0, 0.35, 0.3, 0.4, 0.0]]))
+    torch.testing.assert_close(returns, torch.tensor([[0.0, 0.55, 0.7, 1.0, 0.0]]))
+
+
+def test_gamma_discounts_the_next_value():
+    advantages, _ = reft_ppo.gae(torch.tensor([[0.0, 1.0]]), torch.tensor([[0.5, 0.25]]), torch.ones(1, 2), gamma=0.5, lam=1.0)
+    torch.testing.assert_close(advantages, torch.tensor([[0.0 + 0.5 * 0.25 - 0.5 + 0.5 * 0.75, 0.75]]))
+
+
+def test_terminal_reward_sits_on_the_eos_token_even_when_pad_is_eos(tokenizer):
+    eos = tokenizer.eos_token_id
+    prompts = [[256, 49, 10], [256, 50, 51, 52, 10]]
+    responses = [[49, 50, eos], [53, eos]]
+    _, _, mask = batch_sequences(prompts, responses, pad_id=eos, device="cpu")
+    zeros = torch.zeros_like(mask)
+    rewards, kl = reft_ppo.kl_shaped_rewards(torch.tensor([1.0, 0.1]), zeros, zeros, mask, kl_coef=0.05)
+    # row 0: response targets are input positions 3, 4, 5, i.e. log-prob indices 2, 3, 4; EOS is index 4
+    assert rewards[0].tolist() == [0, 0, 0, 0, 1.0, 0]
+    assert rewards[1].tolist() == pytest.approx([0, 0, 0, 0, 0, 0.1])  # EOS is the last input token
+    assert mask.sum(1).tolist() == [3, 2]
+
+
+def test_kl_penalty_sign_and_placement():
+    mask = torch.tensor([[0.0, 1.0, 1.0]])
+    old = torch.tensor([[-3.0, -1.0, -1.0]])
+    ref = torch.tensor([[-9.0, -2.0, -0.5]])  # the prompt position must not be penalised
+    rewards, kl = reft_ppo.kl_shaped_rewards(torch.tensor([0.0]), old, ref, mask, kl_coef=0.1)
+    torch.testing.assert_close(kl, torch.tensor([[0.0, 1.0, -0.5]]))
+    torch.testing.assert_close(rewards, torch.tensor([[0.0, -0.1, 0.05]]))  # more likely than the reference: penalised
+
+
+def test_rewards_and_numeric_extraction():
+    assert reft_ppo.numeric_answer("12+3=15\nThe answer is 1,015.") == 1015.0
+    assert reft_ppo.numeric_answer("Therefore, the answer is: -2.5") == -2.5
+    assert reft_ppo.numeric_answer("The answer is x+1") is None
+    assert reft_ppo.numeric_answer("no answer") is None
+    assert reft_ppo.terminal_reward(15.0, "15", 0.1) == 1.0
+    assert reft_ppo.terminal_reward(15.005, "15", 0.1) == 1.0  # 2.2: |pred - gold| <= 1e-2
+    assert reft_ppo.terminal_reward(16.0, "15", 0.1) == 0.1  # partial reward
+    assert reft_ppo.terminal_reward(None, "15", 0.1) == 0.0
+
+
+def test_whitening_over_response_tokens_only():
+    advantages = torch.tensor([[9.0, 1.0, 2.0], [9.0, 3.0, 9.0]])
+    mask = torch.tensor([[0.0, 1.0, 1.0], [0.0, 1.0, 0.0]])
+    white = reft_ppo.whiten(advantages, mask)
+    kept = white[mask.bool()]
+    assert kept.mean().abs() < 1e-6 and kept.std().item() == pytest.approx(1.0, abs=1e-4)
+    assert white[~mask.bool()].abs().sum() == 0
+
+
+def test_clipped_losses_match_hand_computed_values():
+    batch = dict(mask=torch.ones(1, 2), advantages=torch.tensor([[1.0, -1.0]]), returns=torch.tensor([[1.0, 0.0]]),
+                 old_logprobs=torch.zeros(1, 2), old_values=torch.zeros(1, 2))
+    logprobs = torch.log(torch.tensor([[1.5, 0.5]]))  # ratios 1.5 and 0.5
+    values = torch.tensor([[0.5, -0.1]])
+    policy_loss, value_loss, clip_fraction = reft_ppo.ppo_losses(logprobs, values, batch, 0.2, 0.2)
+    # policy: max(-1.5, -1.2) = -1.2 and max(0.5, 0.8) = 0.8; value: max(0.25, 0.64)/2 and 0.01/2
+    torch.testing.assert_close(policy_loss, torch.tensor([(-1.2 + 0.8) / 2]))
+    torch.testing.assert_close(value_loss, torch.tensor([(0.32 + 0.005) / 2]))
+    assert clip_fraction.item() == 1.0
+
+
+def test_policy_gradient_raises_the_probability_of_positive_advantage_tokens():
+    logprobs = torch.tensor([[-1.0, -1.0]], requires_grad=True)
+    batch = dict(mask=torch.ones(1, 2), advantages=torch.tensor([[1.0, -1.0]]), returns=torch.zeros(1, 2),
+                 old_logprobs=torch.tensor([[-1.0, -1.0]]), old_values=torch.zeros(1, 2))
+    policy_loss, _, _ = reft_ppo.ppo_losses(logprobs, torch.zeros(1, 2), batch, 0.2, 0.2)
+    policy_loss.sum().backward()
+    assert logprobs.grad[0, 0] < 0 < logprobs.grad[0, 1]  # descent raises token 0, lowers token 1
+
+
+def test_sandbox_stops_infinite_loops_memory_bombs_and_crashes():
+    start = time.time()
+    assert run_sandboxed("while True:\n    pass", timeout=1.0) == (False, "")
+    assert time.time() - start < 5
+    assert run_sandboxed("blocks = []\nwhile True:\n    blocks.append(bytearray(10 ** 8))", timeout=10.0, memory_mb=512)[0] is False
+    assert run_sandboxed("import os\nprint(os.environ.get('HOME'))")[1].strip() == "None"  # no environment
+    prompt = reft_ppo.make_prompt(reft_ppo.Args(cot="program"), "What is 6 times 7?")
+    assert reft_ppo.program_answer(prompt, "    a = 6\n    b = 7\n    return a * b\n\nprint('ignored')", 10.0) == 42.0
+    assert reft_ppo.program_answer(prompt, "    return 1 / 0\n", 10.0) is None
+    assert reft_ppo.program_answer(prompt, "    while True:\n        pass\n", 1.0) is None
+    assert reft_ppo.terminal_reward(reft_ppo.program_answer(prompt, "    raise ValueError\n", 10.0), "42", 0.1) == 0.0
+
+
+def test_toy_smoke_run(tmp_path):
+    model, tokenizer = load_model("tiny", seed=0)
+    save(model, tokenizer, str(tmp_path / "start"))
+    out_dir = str(tmp_path / "reft")
+    common = ["--preset", "toy", "--model", str(tmp_path / "start"), "--task", "arith:n_train=16,n_test=4", "--out_dir", out_dir,
+              "--max_total_tokens", "48", "--eval_max_new_tokens", "24"]
+    reft_ppo.main(common + ["--epochs", "1", "--rollout_batch_size", "8", "--micro_batch_size", "4"])
+    metrics = [json.loads(line) for line in open(os.path.join(out_dir, "metrics.jsonl"))]
+    rollouts = [m for m in metrics if m["step"].startswith("rollout")]
+    assert len(rollouts) == 2
+    for key in ("reward", "accuracy", "kl_k1", "kl_k3", "clip_fraction", "value_loss", "entropy", "response_length",
+                "eos_rate", "tokens_per_s"):
+        assert math.isfinite(rollouts[0][key])
+    assert rollouts[0]["kl_k1"] == 0.0  # the first rollout samples from the reference itself
+    assert [m["step"] for m in metrics if "test_accuracy" in m] == ["ppo 0", "ppo 1"]
+    assert load_model(out_dir)[0].config.model_type == "llama"
+    reft_ppo.main(common + ["--mode", "vote", "--vote_k", "3"])
+    reft_ppo.main(common + ["--mode", "rerank", "--vote_k", "3", "--rerank_samples", "2", "--rerank_epochs", "1"])
+    steps = [json.loads(line)["step"] for line in open(os.path.join(out_dir, "metrics.jsonl"))]
+    assert steps[-2:] == ["vote", "rerank"]
