@@ -1,4 +1,5 @@
 """reft_ppo.py: rewards, KL placement, GAE, whitening, clipped losses, the sandbox, and a smoke run."""
+import copy
 import json
 import math
 import os
@@ -8,7 +9,7 @@ import pytest
 import torch
 
 import reft_ppo
-from common import batch_sequences, load_model, run_sandboxed, save
+from common import batch_sequences, load_model, load_task, run_sandboxed, save, token_logprobs
 
 
 def test_gae_matches_a_hand_computed_example():
@@ -87,6 +88,35 @@ def test_policy_gradient_raises_the_probability_of_positive_advantage_tokens():
     policy_loss, _, _ = reft_ppo.ppo_losses(logprobs, torch.zeros(1, 2), batch, 0.2, 0.2)
     policy_loss.sum().backward()
     assert logprobs.grad[0, 0] < 0 < logprobs.grad[0, 1]  # descent raises token 0, lowers token 1
+
+
+def test_ppo_update_makes_rewarded_responses_more_likely(monkeypatch):
+    """End to end through rollout, rewards, GAE, whitening, the losses and the optimiser: a sign error
+    anywhere makes the rewarded responses less likely."""
+    model, tokenizer = load_model("tiny", seed=0)
+    args = reft_ppo.Args(**(reft_ppo.TOY | dict(lr=1e-3, max_total_tokens=16)))
+    monkeypatch.setattr(reft_ppo, "answer_of", lambda args, prompt, text: float(len(text) % 2))  # an arbitrary split
+    monkeypatch.setattr(reft_ppo, "terminal_reward", lambda pred, gold, partial: pred)
+    frozen = copy.deepcopy(model)
+    value_head = torch.nn.Linear(model.config.hidden_size, 1)
+    torch.nn.init.zeros_(value_head.weight)
+    torch.nn.init.zeros_(value_head.bias)
+    optimizer = torch.optim.AdamW(list(model.parameters()) + list(value_head.parameters()), lr=args.lr)
+    torch.manual_seed(0)
+    batch, _, samples = reft_ppo.rollout(model, value_head, lambda ids, mask: token_logprobs(frozen, ids, mask),
+                                         tokenizer, load_task("arith", "train")[:32], args)
+    rewarded = torch.tensor([s["reward"] == 1.0 for s in samples])
+    assert 0 < rewarded.sum() < len(samples)
+
+    def sequence_logprobs():
+        with torch.no_grad():
+            return (token_logprobs(model, batch["input_ids"], batch["attention_mask"]) * batch["mask"]).sum(1)
+
+    before = sequence_logprobs()
+    for _ in range(3):
+        reft_ppo.ppo_update(model, value_head, optimizer, batch, args)
+    change = sequence_logprobs() - before
+    assert change[rewarded].mean() > 0 > change[~rewarded].mean()
 
 
 def test_sandbox_stops_infinite_loops_memory_bombs_and_crashes():
