@@ -375,10 +375,12 @@ def main(argv=None):
     logger = Logger(args.out_dir)
     if args.mode == "vote":
         greedy = accuracy(sample_answers(model, tokenizer, test_set, args)[2], test_set)
-        return logger.log("vote", test_accuracy=greedy, **{f"vote@{args.vote_k}": vote_accuracy(model, tokenizer, test_set, args)})
+        logger.log("vote", test_accuracy=greedy, **{f"vote@{args.vote_k}": vote_accuracy(model, tokenizer, test_set, args)})
+        return
     if args.mode == "rerank":
         reranked, n_data = rerank_accuracy(model, tokenizer, kept, test_set, args)
-        return logger.log("rerank", classifier_examples=n_data, **{f"rerank@{args.vote_k}": reranked})
+        logger.log("rerank", classifier_examples=n_data, **{f"rerank@{args.vote_k}": reranked})
+        return
 
     # 1. warm-up: SFT from the base model; the result initialises the policy and is the frozen reference
     if args.warmup_epochs > 0:

@@ -76,7 +76,8 @@ def scripted(llama):
 
     scripts = {"a": ids("12+3=15\n") + [eos] + ids("zzz"),  # stops at EOS
                "bb": ids("abcdefghijklmnopqrstuvwxyz"),  # never stops: hits the length limit
-               "ccc": ids("x STOP y") + [eos]}  # stops at a stop string
+               "ccc": ids("x STOP y") + [eos],  # stops at a stop string
+               "dddd": ids("\u00e9yyyyyyyyyy")}  # a 2-byte character, then ASCII
     model = ScriptedLlama(base.config).eval().setup(tokenizer, scripts)
     return model, tokenizer, ids
 
@@ -95,6 +96,14 @@ def test_stop_strings_cut_the_text_and_finish_the_row(scripted):
     ccc, a = generate(model, tokenizer, ["ccc", "a"], max_new_tokens=20, stop=["STOP", "=1"])
     assert ccc.text == "x " and ccc.finished and ccc.token_ids == ids("x STOP")
     assert a.text == "12+3" and a.finished and a.token_ids == ids("12+3=1")
+
+
+def test_stop_window_inside_a_multibyte_character_does_not_crash(scripted):
+    model, tokenizer, _ = scripted
+    # the 6-token window [0xA9, y, y, y, y, y] starts inside "\u00e9": byte fallback renders all six as \ufffd,
+    # which the whole text does not contain
+    out, = generate(model, tokenizer, ["dddd"], max_new_tokens=20, stop=["\ufffd\ufffd"])
+    assert out.finished and out.text == "\u00e9yyyyy"
 
 
 def test_loop_exits_when_every_row_is_done(scripted):
