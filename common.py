@@ -78,6 +78,8 @@ def load_model(name_or_path, *, dtype=None, device=None, lora_rank=0, seed=0):
     if source == "tiny":  # a freshly initialised Llama of about 1M parameters: no download
         tokenizer = byte_tokenizer()
         model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), **TINY)).to(dtype)
+    elif source.startswith((".", "/", "~", "runs/")) and not os.path.isdir(source):  # a path: fail now, not at the hub
+        fail(f"no checkpoint folder {name_or_path!r} (the toy pipeline writes runs/toy-sft: `python sft.py --preset toy`)")
     elif os.path.isdir(source) or re.fullmatch(r"[\w.-]+/[\w.-]+", source):
         try:
             tokenizer = AutoTokenizer.from_pretrained(source)
@@ -200,7 +202,10 @@ def load_task(name_or_path, split="train"):
         examples = arith_task(split, **(ARITH | {k: int(v) for k, v in overrides.items()}))
     elif name_or_path in HUB_TASKS:
         import datasets
-        rows = datasets.load_dataset(*HUB_TASKS[name_or_path], split=split)
+        try:
+            rows = datasets.load_dataset(*HUB_TASKS[name_or_path], split=split)
+        except Exception as error:  # offline, unknown split, ...: one sentence, not a traceback
+            fail(f"could not load {name_or_path!r} ({split}) from the hub: {type(error).__name__}; check the network")
         examples = [_record_to_example(row, f"{name_or_path} row {i}") for i, row in enumerate(rows)]
     else:
         path = os.path.join(name_or_path, f"{split}.jsonl") if os.path.isdir(name_or_path) else name_or_path

@@ -1,5 +1,6 @@
 """load_task() on written files and the built-in arith task; parse_args(); clear errors on bad input."""
 import json
+import time
 from dataclasses import dataclass
 
 import pytest
@@ -66,6 +67,13 @@ def test_empty_file_and_unknown_names_stop_clearly(tmp_path):
 def test_unknown_model_name_stops_before_any_download():
     with pytest.raises(SystemExit, match="unknown model 'llama-9000'.*deepseek-math-7b"):
         load_model("llama-9000")
+
+
+def test_missing_checkpoint_folder_stops_at_once():
+    start = time.time()
+    with pytest.raises(SystemExit, match="no checkpoint folder 'runs/no-such-run'.*sft.py --preset toy"):
+        load_model("runs/no-such-run")
+    assert time.time() - start < 5  # no hub retries
 
 
 def test_arith_is_seeded_disjoint_and_correct():
