@@ -1,8 +1,8 @@
 """Plumbing shared by every method script (no method's maths); its public names are a contract: see README's map."""
 import argparse
-import ast
 import contextlib
 import dataclasses
+import functools
 import inspect
 import json
 import math
@@ -13,56 +13,59 @@ import resource
 import subprocess
 import sys
 import tempfile
-from collections import Counter
+from collections import namedtuple
 from fractions import Fraction
 
 import torch
+import torch.distributed as dist
 from tokenizers import Tokenizer, decoders, models, processors
 from torch import nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
-from transformers import (AutoModelForCausalLM, AutoTokenizer, DynamicCache, LlamaConfig, LlamaForCausalLM,
-                          PreTrainedTokenizerFast)
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, DynamicCache, PreTrainedTokenizerFast
+from transformers.modeling_layers import GradientCheckpointingLayer
+
+RANK, WORLD = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))  # set by torchrun
+if WORLD > 1 and not dist.is_initialized():  # under torchrun, join the group: NCCL with a GPU per rank, or gloo
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    if RANK > 0:  # one voice: rank 0 prints (warnings and errors still show)
+        sys.stdout = open(os.devnull, "w")
 
 def fail(message):
     """Stop with one clear sentence (bad flag, missing file, malformed data...)."""
     raise SystemExit(f"error: {message}")
 
-# ---------------------------------------------------------------- arguments
 def parse_args(cls, presets=None, argv=None):
     """argparse from a dataclass, field docstrings as --help; explicit flags override `--preset NAME`'s values."""
     presets, fields = presets or {}, dataclasses.fields(cls)
-    try:
-        body = ast.parse(inspect.getsource(cls)).body[0].body
-    except (OSError, TypeError):  # no source code, no help texts
-        body = []
-    docs = {node.target.id: doc.value.value for node, doc in zip(body, body[1:]) if isinstance(node, ast.AnnAssign)
-            and isinstance(doc, ast.Expr) and isinstance(doc.value, ast.Constant) and isinstance(doc.value.value, str)}
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--preset", choices=sorted(presets), help="a named set of overrides (see the script)")
-    preset = pre.parse_known_args(argv)[0].preset
+    docs = {}  # a field's help: the string literal on the lines under it
+    with contextlib.suppress(OSError, TypeError):  # no source code (a class typed into a notebook): no help
+        docs = dict(re.findall(r'^ +(\w+):[^\n]*\n +"""(.*?)"""', inspect.getsource(cls), re.MULTILINE | re.DOTALL))
+    parser = argparse.ArgumentParser(description=(cls.__doc__ or "").strip())
+    parser.add_argument("--preset", choices=sorted(presets), help="a named set of overrides (see the script)")
+    for f in fields:
+        how = dict(action=argparse.BooleanOptionalAction) if f.type is bool else dict(type=f.type)
+        parser.add_argument(f"--{f.name}", default=f.default, help=docs.get(f.name, "").replace("%", "%%"), **how)
+    preset = parser.parse_known_args(argv)[0].preset
     if unknown := set(presets.get(preset, {})) - {f.name for f in fields}:
         fail(f"preset {preset!r} sets unknown fields {sorted(unknown)}")
-    parser = argparse.ArgumentParser(parents=[pre], description=(cls.__doc__ or "").strip())
-    for f in fields:
-        kind = f.type if isinstance(f.type, type) else {"int": int, "float": float, "str": str, "bool": bool}[f.type]
-        how = dict(action=argparse.BooleanOptionalAction) if kind is bool else dict(type=kind)
-        parser.add_argument(f"--{f.name}", default=f.default, help=docs.get(f.name), **how)
     parser.set_defaults(**presets.get(preset, {}))
     return cls(**{name: value for name, value in vars(parser.parse_args(argv)).items() if name != "preset"})
 
-# ---------------------------------------------------------------- models
 ALIASES = {  # the papers' base models
     "deepseek-math-7b": "deepseek-ai/deepseek-math-7b-base", "mistral-7b": "mistralai/Mistral-7B-v0.1",
-    "llemma-7b": "EleutherAI/llemma_7b", "codellama-7b": "codellama/CodeLlama-7b-hf",
-    "galactica-6.7b": "facebook/galactica-6.7b", "galactica-125m": "facebook/galactica-125m",
-    "llama2-7b": "meta-llama/Llama-2-7b-hf", "llama3-8b": "meta-llama/Meta-Llama-3-8B",
-    "qwen2.5-0.5b": "Qwen/Qwen2.5-0.5B"}
-TINY = dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, intermediate_size=384,
+    "llemma-7b": "EleutherAI/llemma_7b", "llama2-7b": "meta-llama/Llama-2-7b-hf", "qwen2.5-0.5b": "Qwen/Qwen2.5-0.5B",
+    "codellama-7b": "codellama/CodeLlama-7b-hf", "llama3-8b": "meta-llama/Meta-Llama-3-8B",
+    "galactica-6.7b": "facebook/galactica-6.7b", "galactica-125m": "facebook/galactica-125m"}
+TINY = dict(vocab_size=259, hidden_size=128, num_hidden_layers=4, num_attention_heads=4, intermediate_size=384,
             max_position_embeddings=512, tie_word_embeddings=True, bos_token_id=256, eos_token_id=257, pad_token_id=258)
 
 def byte_tokenizer():
-    """A byte-level tokenizer built in code: ids 0-255 are bytes, then <s>, </s>, <pad>."""
+    """A byte-level tokenizer built in code: ids 0-255 are bytes, then <s>, </s>, <pad> (TINY's 259 ids)."""
     vocab = {f"<0x{b:02X}>": b for b in range(256)} | {"<s>": 256, "</s>": 257, "<pad>": 258}
     backend = Tokenizer(models.BPE(vocab=vocab, merges=[], byte_fallback=True))
     backend.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Fuse()])
@@ -77,31 +80,31 @@ def load_model(name_or_path, *, dtype=None, device=None, lora_rank=0, seed=0):
     source = ALIASES.get(name_or_path, name_or_path)
     if source == "tiny":  # a freshly initialised Llama of about 1M parameters: no download
         tokenizer = byte_tokenizer()
-        model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), **TINY)).to(dtype)
+        model = AutoModelForCausalLM.from_config(AutoConfig.for_model("llama", **TINY)).to(dtype)
     elif source.startswith((".", "/", "~", "runs/")) and not os.path.isdir(source):  # a path: fail now, not at the hub
-        fail(f"no checkpoint folder {name_or_path!r} (the toy pipeline writes runs/toy-sft: `python sft.py --preset toy`)")
+        fail(f"no checkpoint folder {name_or_path!r} (`python sft.py --preset toy` writes runs/toy-sft)")
     elif os.path.isdir(source) or re.fullmatch(r"[\w.-]+/[\w.-]+", source):
         try:
             tokenizer = AutoTokenizer.from_pretrained(source)
             model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
         except OSError as error:
-            fail(f"could not load model {name_or_path!r}: it is no local checkpoint and the hub gave "
-                 f"{type(error).__name__} (for the toy pipeline, run `python sft.py --preset toy` first)")
+            fail(f"could not load model {name_or_path!r}: no such folder, and the hub gave {type(error).__name__}")
     else:
-        fail(f"unknown model {name_or_path!r}: use tiny, a local checkpoint folder, a hub id (owner/name) "
-             f"or an alias: {', '.join(ALIASES)}")
-    # A pad token that means nothing: masks come from lengths, but pad = EOS/BOS invites bugs (PAPERS 7.2).
-    meaningless = (None, tokenizer.eos_token_id, tokenizer.bos_token_id)
-    if tokenizer.pad_token_id in meaningless:
-        if tokenizer.unk_token_id not in meaningless:
-            tokenizer.pad_token = tokenizer.unk_token
-        else:
-            tokenizer.add_special_tokens({"pad_token": "<|pad|>"})
-            model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+        fail(f"unknown model {name_or_path!r}: use tiny, a folder, a hub id (owner/name) or {', '.join(ALIASES)}")
+    meaningless = (None, tokenizer.eos_token_id, tokenizer.bos_token_id)  # pad = EOS/BOS invites bugs (PAPERS 7.2)
+    if tokenizer.pad_token_id in meaningless and tokenizer.unk_token_id not in meaningless:
+        tokenizer.pad_token = tokenizer.unk_token
+    elif tokenizer.pad_token_id in meaningless:
+        tokenizer.add_special_tokens({"pad_token": "<|pad|>"})
+        model.resize_token_embeddings(max(len(tokenizer), model.get_input_embeddings().num_embeddings))
     tokenizer.padding_side = "left"
     model.generation_config.pad_token_id = tokenizer.pad_token_id
-    if lora_rank > 0:
-        add_lora(model, lora_rank)
+    if lora_rank > 0:  # every linear layer of the trunk (not the output head) gets an adapter; only adapters train
+        model.requires_grad_(False)
+        for module in list(model.base_model.modules()):
+            for name, child in module.named_children():
+                if isinstance(child, nn.Linear):
+                    setattr(module, name, LoRALinear(child, lora_rank, 2 * lora_rank))  # fp32 adapters
     return model.to(device), tokenizer
 
 class LoRALinear(nn.Module):
@@ -109,23 +112,13 @@ class LoRALinear(nn.Module):
     def __init__(self, base, rank, alpha):
         super().__init__()
         self.base, self.scale, self.enabled = base, alpha / rank, True
-        self.lora_A = nn.Parameter(torch.randn(rank, base.in_features, device=base.weight.device) / math.sqrt(base.in_features))
-        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, device=base.weight.device))
+        init = torch.randn(rank, base.in_features, device=base.weight.device) / math.sqrt(base.in_features)
+        self.lora_A, self.lora_B = nn.Parameter(init), nn.Parameter(init.new_zeros(base.out_features, rank))
 
     def forward(self, x):
-        out = self.base(x)
         if not self.enabled:
-            return out
-        return out + (x.to(self.lora_A.dtype) @ self.lora_A.T @ self.lora_B.T * self.scale).to(out.dtype)
-
-def add_lora(model, rank, alpha=None):
-    """Wrap every linear layer of the trunk (not the output head); freeze everything but the adapters."""
-    model.requires_grad_(False)
-    for module in list(model.base_model.modules()):
-        for name, child in module.named_children():
-            if isinstance(child, nn.Linear):
-                setattr(module, name, LoRALinear(child, rank, alpha or 2 * rank))  # fp32 adapters
-    return model
+            return self.base(x)
+        return self.base(x) + (x.to(self.lora_A.dtype) @ self.lora_A.T @ self.lora_B.T * self.scale).to(x.dtype)
 
 @contextlib.contextmanager
 def adapters_disabled(model):
@@ -139,21 +132,52 @@ def adapters_disabled(model):
         for layer in layers:
             layer.enabled = True
 
-# ---------------------------------------------------------------- tasks
-@dataclasses.dataclass
-class Example:
-    question: str
-    rationale: str
-    answer: str
+def _recomputed(fn, *args, **kwargs):
+    """fn(*args, **kwargs), its activations recomputed in backward (non-reentrant); a plain call without grad."""
+    return checkpoint(fn, *args, use_reentrant=False, **kwargs) if torch.is_grad_enabled() else fn(*args, **kwargs)
 
-# The built-in task; `arith:steps=2,digits=3` overrides a knob. Tuned so toy SFT lands at 30-60%.
-ARITH = dict(steps=3, digits=1, n_train=4000, n_test=200, seed=0)
+def gradient_checkpointing(model, enable=True):
+    """Recompute each decoder layer in backward, also in eval() (RL, DPO) where HF's switch is off (PAPERS 7.9)."""
+    for layer in [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]:
+        layer.__dict__.pop("forward", None)  # an instance attribute: FSDP's module hooks stay outside the checkpoint
+        if enable:
+            layer.forward = functools.partial(_recomputed, type(layer).forward, layer)
+
+def shard(items):
+    """This rank's share, items[rank::world], wrapped around so that every rank gets as many (DDP, FSDP need all)."""
+    return [items[i % len(items)] for i in range(RANK, -(-len(items) // WORLD) * WORLD, WORLD)]
+
+def gather(items, total, n=1):
+    """shard's inverse: every rank's results for its share (n per item, item-major), in order, on every rank."""
+    parts = [items]
+    if WORLD > 1:
+        dist.all_gather_object(parts := [None] * WORLD, items)
+    return [result for i in range(total) for result in parts[i % WORLD][i // WORLD * n:(i // WORLD + 1) * n]]
+
+def all_reduce(tensor, mean=False):
+    """The sum (or mean) over ranks of a tensor, in place; the tensor itself on one process."""
+    if WORLD > 1:
+        dist.all_reduce(tensor)
+    return tensor / WORLD if mean else tensor
+
+def wrap_model(model, fsdp=None):
+    """The model to train: itself on one process; under torchrun DDP (LoRA, small models) or FSDP2 (past 1B params)."""
+    if WORLD == 1 or isinstance(model, FSDPModule):
+        return model
+    if not (sum(p.numel() for p in model.parameters() if p.requires_grad) > 1e9 if fsdp is None else fsdp):
+        return nn.parallel.DistributedDataParallel(model)
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)  # fp32 master shards
+    for module in [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)] + [model]:
+        fully_shard(module.float(), mp_policy=policy, reshard_after_forward=False)  # stays gathered through sampling
+    return model
+
+Example = namedtuple("Example", ["question", "rationale", "answer"])
+ARITH = dict(steps=3, digits=1, n_train=4000, n_test=200, seed=0)  # toy SFT lands at 30-60%
 HUB_TASKS = {"gsm8k": ("openai/gsm8k", "main"), "svamp": ("ChilleD/SVAMP", None),
              "math": ("DigitalLearningGmbH/MATH-lighteval", "default")}
 
 def arith_task(split, steps, digits, n_train, n_test, seed):
-    """Multi-step integer expressions solved one calculation per line, like GSM8K rationales. Seeded; the test
-    questions come first from one stream and never reappear in train."""
+    """Multi-step integer expressions, one calculation per rationale line; seeded, test questions never in train."""
     rng, low, high, unique = random.Random(seed), 10 ** (digits - 1), 10 ** digits - 1, {}
     while len(unique) < n_test + n_train:
         value = rng.randint(low, high)
@@ -168,7 +192,7 @@ def arith_task(split, steps, digits, n_train, n_test, seed):
             expr = f"({expr}){op}{operand}" if op == "*" and last_op in ("+", "-") else f"{expr}{op}{operand}"
             value, last_op = result, op
         unique.setdefault(expr, Example(expr, "\n".join(lines), str(value)))
-    examples = list(unique.values())
+    examples = list(unique.values())  # the first n_test are the test split
     return {"test": examples[:n_test], "train": examples[n_test:]}[split]
 
 def _record_to_example(record, where):
@@ -179,7 +203,8 @@ def _record_to_example(record, where):
             return Example(record["problem"], record["solution"], extract_answer(record["solution"]) or "")
         if "Body" in record:
             answer = f"{float(record['Answer']):g}"
-            return Example(f"{record['Body'].strip()} {record['Question'].strip()}", f"{record['Equation'].strip()} = {answer}", answer)
+            question = f"{record['Body'].strip()} {record['Question'].strip()}"
+            return Example(question, f"{record['Equation'].strip()} = {answer}", answer)
         if "answer_cot" in record:
             return Example(record["question"], record["answer_cot"], str(record["answer_value"]))
         if "rationale" in record:
@@ -193,7 +218,7 @@ def _record_to_example(record, where):
              f"or GSM8K's question and answer ending in '#### x'")
 
 def load_task(name_or_path, split="train"):
-    """list[Example] from `arith`, a hub task, a .jsonl/.json file (whatever the split) or a folder of {split}.jsonl."""
+    """list[Example] from `arith[:knob=value,...]`, a hub task, a .jsonl/.json file or a folder of {split}.jsonl."""
     name, _, knobs = name_or_path.partition(":")
     if name == "arith":
         overrides = dict(knob.partition("=")[::2] for knob in knobs.split(",") if knob)
@@ -213,34 +238,19 @@ def load_task(name_or_path, split="train"):
             fail(f"unknown task {name_or_path!r}: use arith, gsm8k, math, svamp, or an existing .jsonl/.json file")
         with open(path) as f:
             records = json.load(f) if path.endswith(".json") else f.readlines()
-        if not isinstance(records, list):
-            fail(f"{path}: expected a JSON list of records")
+        records = records if isinstance(records, list) else [records]  # a .json of one record
         examples = [_record_to_example(record, f"{path} line {i}") for i, record in enumerate(records, 1)
                     if not isinstance(record, str) or record.strip()]
     if not examples:
         fail(f"task {name_or_path!r} has no examples in split {split!r}")
     return examples
 
-# ---------------------------------------------------------------- sampling and log-probs
-@dataclasses.dataclass
-class Completion:
-    text: str  # decoded without special tokens, cut before a stop string
-    token_ids: list  # generated tokens only, up to and including EOS when emitted
-    finished: bool  # ended at EOS or a stop string (False: hit the length limit)
+# text (decoded, cut before a stop string), token_ids (generated only, EOS included), finished (not by the length cap)
+Completion = namedtuple("Completion", ["text", "token_ids", "finished"])
 
 def positions_from_mask(attention_mask):
     """Per-row positions that skip left padding, as generate() and every training forward use."""
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-
-def _next_tokens(logits, temperature, top_p):
-    if temperature == 0:
-        return logits.argmax(-1)
-    probs = torch.softmax(logits / temperature, dim=-1)
-    if top_p < 1.0:  # nucleus: keep the smallest set of tokens whose mass reaches top_p
-        sorted_probs, order = probs.sort(dim=-1, descending=True)
-        sorted_probs[sorted_probs.cumsum(-1) - sorted_probs > top_p] = 0
-        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
-    return torch.multinomial(probs, 1).squeeze(-1)
 
 def _generate_batch(model, tokenizer, prompts, max_new_tokens, temperature, top_p, stop):
     enc = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left").to(model.device)
@@ -255,7 +265,13 @@ def _generate_batch(model, tokenizer, prompts, max_new_tokens, temperature, top_
     for _ in range(int(min(max_new_tokens, context - mask.shape[1]))):
         logits = model(input_ids=step_ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
                        use_cache=True, logits_to_keep=1).logits[:, -1].float()
-        tokens = _next_tokens(logits, temperature, top_p)
+        if temperature > 0:
+            probs = torch.softmax(logits / temperature, dim=-1)
+            if top_p < 1.0:  # nucleus: keep the smallest set of tokens whose mass reaches top_p
+                sorted_probs, order = probs.sort(dim=-1, descending=True)
+                sorted_probs[sorted_probs.cumsum(-1) - sorted_probs > top_p] = 0
+                probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+        tokens = torch.multinomial(probs, 1).squeeze(-1) if temperature > 0 else logits.argmax(-1)
         for row, token in enumerate(tokens.tolist()):
             if not done[row]:
                 generated[row].append(token)
@@ -288,54 +304,38 @@ def generate(model, tokenizer, prompts, *, max_new_tokens, temperature=0.0, top_
     model.train(was_training)
     return [completion for _, completion in sorted(zip(order, completions), key=lambda pair: pair[0])]  # prompt order
 
-def _chunk_logprobs(head, hidden, targets, temperature):
-    logits = head(hidden).float().div_(temperature)  # in place: one chunk-sized buffer less
-    return logits.log_softmax(-1).gather(-1, targets[:, None]).squeeze(-1)
+def _chunk_logprobs(head, hidden, targets, temperature):  # div_ in place: one chunk-sized buffer less
+    return head(hidden).float().div_(temperature).log_softmax(-1).gather(-1, targets[:, None]).squeeze(-1)
 
 def token_logprobs(model, input_ids, attention_mask, *, temperature=1.0, return_hidden=False, chunk_elements=2 ** 23):
-    """log p(input_ids[:, t+1] | prefix) as [B, L-1]; 0 where the target or the token before it is padding.
-    Positions come from the mask. Logits are made chunk by chunk as output_embeddings(last hidden state), an assumption
-    true of Llama, Mistral, GPT-2, OPT, and recomputed in backward: no float32 copy of all B*L*V logits ever exists.
-    return_hidden=True also returns the last hidden state [B, L, H], for a value head on the trunk."""
-    hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask,
-                              position_ids=positions_from_mask(attention_mask), use_cache=False).last_hidden_state
-    head, pieces = model.get_output_embeddings(), []
+    """log p(input_ids[:, t+1] | prefix) as [B, L-1], 0 at padding; return_hidden=True adds the last hidden state.
+    The wrapper's (DDP, FSDP2) forward keeps one logit; the head runs in chunks, recomputed in backward: memory-lean."""
+    hidden = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions_from_mask(attention_mask),
+                   use_cache=False, output_hidden_states=True, logits_to_keep=1).hidden_states[-1]
+    head, pieces = getattr(model, "module", model).get_output_embeddings(), []  # Llama, Mistral, GPT-2, OPT
     step = max(1, chunk_elements // head.out_features)
     for chunk in zip(hidden[:, :-1].flatten(0, 1).split(step), input_ids[:, 1:].flatten().split(step)):
-        if torch.is_grad_enabled():
-            pieces.append(checkpoint(_chunk_logprobs, head, *chunk, temperature, use_reentrant=False))
-        else:
-            pieces.append(_chunk_logprobs(head, *chunk, temperature))
+        pieces.append(_recomputed(_chunk_logprobs, head, *chunk, temperature))
     logprobs = torch.cat(pieces).view(input_ids.shape[0], -1) * attention_mask[:, 1:] * attention_mask[:, :-1]
     return (logprobs, hidden) if return_hidden else logprobs
-
-def encode_pair(tokenizer, prompt, target):
-    """(prompt_ids, target_ids + [EOS]), the prompt with the tokenizer's defaults (its BOS). The target is cut from the
-    joint tokenisation: its first token is the one the model sees after the prompt (not a word-start variant)."""
-    prompt_ids, joint = tokenizer(prompt)["input_ids"], tokenizer(prompt + target)["input_ids"]
-    same_prefix = joint[:len(prompt_ids)] == prompt_ids
-    target_ids = joint[len(prompt_ids):] if same_prefix else tokenizer(target, add_special_tokens=False)["input_ids"]
-    return prompt_ids, target_ids + [tokenizer.eos_token_id]
 
 def batch_sequences(prompts, responses, pad_id, device):
     """Right-padded prompt+response ids, attention mask and response mask, from lengths, never from token values
     (pad may equal EOS, PAPERS 7.2). response_mask[b, t] = 1 where token_logprobs[b, t] scores a response token."""
     lengths = [len(p) + len(r) for p, r in zip(prompts, responses)]
     input_ids = torch.full((len(prompts), max(lengths)), pad_id, dtype=torch.long)
-    attention_mask, response_mask = torch.zeros_like(input_ids), torch.zeros(len(prompts), max(lengths) - 1)
+    attention_mask = (torch.arange(max(lengths)) < torch.tensor(lengths)[:, None]).long()
+    response_mask = torch.zeros(len(prompts), max(lengths) - 1)
     for row, (prompt, response) in enumerate(zip(prompts, responses)):
         input_ids[row, :lengths[row]] = torch.tensor(list(prompt) + list(response))
-        attention_mask[row, :lengths[row]] = 1
         response_mask[row, max(len(prompt) - 1, 0):lengths[row] - 1] = 1
     return input_ids.to(device), attention_mask.to(device), response_mask.to(device)
 
-# ---------------------------------------------------------------- answers
 def extract_answer(text):
     """The last of `#### x`, `The answer is x`, `the answer is: x`, `\\boxed{x}`, `The final answer is $x$`; or None."""
     text, found = text or "", []
     for match in re.finditer(r"(?:####|answer is:?)[ \t]*([^\n]*)", text, re.IGNORECASE):
-        answer = match.group(1).split("I hope it is correct")[0].strip()
-        answer = re.sub(r"^\$(.*)\$.*", r"\1", answer)  # "$x$." -> "x"
+        answer = re.sub(r"^\$(.*)\$.*", r"\1", match.group(1).split("I hope it is correct")[0].strip())  # "$x$." -> "x"
         found.append((match.start(), answer.strip().rstrip(".").strip()))
     for match in re.finditer(r"\\(?:boxed|fbox)\s*\{", text):
         depth = 1  # the boxed answer runs to the matching brace
@@ -354,8 +354,7 @@ def normalize_answer(answer):
     s = re.sub(r"\\(?:text|mbox|mathrm)\{\s*[a-zA-Z ]*\}$", "", s).strip()  # trailing units
     s = s.replace("\\%", "").replace("%", "").replace(" .", " 0.").replace("{.", "{0.")
     s = ("0" + s if s.startswith(".") else s).rstrip(".")
-    if len(s.split("=")) == 2 and len(s.split("=")[0].strip()) <= 2:
-        s = s.split("=")[1]  # "k = 5" -> "5"
+    s = s.split("=")[1] if len(s.split("=")) == 2 and len(s.split("=")[0].strip()) <= 2 else s  # "k = 5" -> "5"
     s = re.sub(r"\\sqrt(\w)", r"\\sqrt{\1}", s).replace(" ", "")
     s = re.sub(r"\\frac([^{\\])([^{\\])", r"\\frac{\1}{\2}", s)  # \frac12 -> \frac{1}{2}
     s = re.sub(r"\\frac([^{\\])\{", r"\\frac{\1}{", s)  # \frac1{2} -> \frac{1}{2}
@@ -363,12 +362,12 @@ def normalize_answer(answer):
 
 def _as_number(s):
     """An exact rational for an integer, decimal, a/b or \\frac{a}{b}; None for anything else."""
-    number = r"-?\d+(?:\.\d+)?"
-    match = re.fullmatch(rf"(-?)\\frac\{{({number})\}}\{{({number})\}}", s) or re.fullmatch(rf"()({number})/({number})", s)
+    num = r"-?\d+(?:\.\d+)?"
+    match = re.fullmatch(rf"(-?)\\frac\{{({num})\}}\{{({num})\}}", s) or re.fullmatch(rf"()({num})/({num})", s)
     if match and Fraction(match.group(3)) != 0:
         value = Fraction(match.group(2)) / Fraction(match.group(3))
         return -value if match.group(1) else value
-    return Fraction(s) if re.fullmatch(number, s) else None
+    return Fraction(s) if re.fullmatch(num, s) else None
 
 def is_equiv(pred, gold):
     """Numbers compared exactly as rationals (0.5 = 1/2 = \\frac12, 1,000 = 1000), else Hendrycks-normalised strings."""
@@ -380,13 +379,15 @@ def is_equiv(pred, gold):
 
 def majority_answer(answers):
     """The most frequent answer (ties: the first seen), grouping equivalent spellings; None if none."""
-    counts = Counter(normalize_answer(a) for a in answers if a is not None)
-    return next((a for a in answers if a is not None and normalize_answer(a) == counts.most_common(1)[0][0]), None)
+    keys = [normalize_answer(a) for a in answers if a is not None]
+    return max((a for a in answers if a is not None), key=lambda a: keys.count(normalize_answer(a)), default=None)
 
-def evaluate(model, tokenizer, examples, prompt_fn, *, max_new_tokens=512, n=1, temperature=0.7, batch_size=64, stop=None):
+def evaluate(model, tokenizer, examples, prompt_fn, *, max_new_tokens=512, n=1, temperature=0.7, batch_size=64,
+             stop=None):
     """Greedy accuracy; with n > 1 also maj@n over n samples at `temperature`. Returns metrics + records."""
-    prompts = [prompt_fn(example) for example in examples]
-    greedy = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size, stop=stop)
+    prompts = shard([prompt_fn(example) for example in examples])  # each rank its share (torchrun)
+    greedy = gather(generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                             stop=stop), len(examples))
     preds = [extract_answer(completion.text) for completion in greedy]
     records = [dict(question=e.question, gold=e.answer, completion=c.text, pred=p, correct=is_equiv(p, e.answer))
                for e, c, p in zip(examples, greedy, preds)]
@@ -394,11 +395,11 @@ def evaluate(model, tokenizer, examples, prompt_fn, *, max_new_tokens=512, n=1, 
     if n > 1:
         samples = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
                            n=n, batch_size=batch_size, stop=stop)
-        votes = [majority_answer([extract_answer(s.text) for s in samples[i * n:(i + 1) * n]]) for i in range(len(examples))]
+        votes = gather([majority_answer([extract_answer(s.text) for s in samples[i * n:(i + 1) * n]])
+                        for i in range(len(prompts))], len(examples))
         metrics[f"maj@{n}"] = sum(is_equiv(v, e.answer) for v, e in zip(votes, examples)) / len(examples)
     return metrics | {"records": records}
 
-# ---------------------------------------------------------------- model-written programs
 def run_sandboxed(code, *, timeout=10.0, memory_mb=1024):
     """(exited cleanly, stdout) of untrusted Python in an isolated interpreter: empty folder, no environment, limits."""
     def limits():
@@ -413,35 +414,37 @@ def run_sandboxed(code, *, timeout=10.0, memory_mb=1024):
             return False, ""
     return done.returncode == 0, done.stdout
 
-# ---------------------------------------------------------------- saving and logging
 def save(model, tokenizer, out_dir, args=None):
-    """save_pretrained (LoRA adapters merged into plain weights) + tokenizer + args.json."""
-    state = model.state_dict()
-    for name, module in model.named_modules():
-        if isinstance(module, LoRALinear):  # W + (alpha / r) B A under the plain layer's name
-            weight = state.pop(f"{name}.base.weight")
-            del state[f"{name}.lora_A"], state[f"{name}.lora_B"]
-            state[f"{name}.weight"] = (weight.float() + module.scale * module.lora_B @ module.lora_A).to(weight.dtype)
-            if module.base.bias is not None:
-                state[f"{name}.bias"] = state.pop(f"{name}.base.bias")
-    model.config.use_cache = True
-    model.save_pretrained(out_dir, state_dict=state)
-    tokenizer.save_pretrained(out_dir)
-    if args is not None:
-        with open(os.path.join(out_dir, "args.json"), "w") as f:
-            json.dump(dataclasses.asdict(args), f, indent=2)
+    """save_pretrained (LoRA merged into plain weights) + tokenizer + args.json; all ranks call it, rank 0 writes."""
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if RANK == 0:
+        for name, module in model.named_modules():
+            if isinstance(module, LoRALinear):  # W + (alpha / r) B A under the plain layer's name
+                weight, lora_a, lora_b = (state.pop(f"{name}.{key}") for key in ("base.weight", "lora_A", "lora_B"))
+                state[f"{name}.weight"] = (weight.float() + module.scale * lora_b @ lora_a).to(weight.dtype)
+                if module.base.bias is not None:
+                    state[f"{name}.bias"] = state.pop(f"{name}.base.bias")
+        model.save_pretrained(out_dir, state_dict=state)
+        tokenizer.save_pretrained(out_dir)
+        if args is not None:
+            with open(os.path.join(out_dir, "args.json"), "w") as f:
+                json.dump(dataclasses.asdict(args), f, indent=2)
+    if WORLD > 1:
+        dist.barrier()
 
 class Logger:
-    """Metrics to stdout and out_dir/metrics.jsonl; samples to out_dir/samples.jsonl."""
+    """Metrics to stdout and out_dir/metrics.jsonl; samples to out_dir/samples.jsonl. Rank 0 only: the others no-op."""
     def __init__(self, out_dir):
-        os.makedirs(out_dir, exist_ok=True)
         self.out_dir = out_dir
+        if RANK == 0:
+            os.makedirs(out_dir, exist_ok=True)
 
     def log(self, step, **metrics):
-        print(f"[{step}] " + " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()), flush=True)
-        with open(os.path.join(self.out_dir, "metrics.jsonl"), "a") as f:
-            f.write(json.dumps({"step": step, **metrics}) + "\n")
+        print(f"[{step}]", *(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()),
+              flush=True)
+        self.samples([{"step": step, **metrics}], "metrics.jsonl")
 
-    def samples(self, rows):
-        with open(os.path.join(self.out_dir, "samples.jsonl"), "a") as f:
-            f.writelines(json.dumps(row) + "\n" for row in rows)
+    def samples(self, rows, name="samples.jsonl"):
+        if RANK == 0:
+            with open(os.path.join(self.out_dir, name), "a") as f:
+                f.writelines(json.dumps(row) + "\n" for row in rows)

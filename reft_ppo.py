@@ -15,9 +15,11 @@ writes a Python solution() that runs in a sandboxed subprocess.
     python reft_ppo.py --preset toy                               # from runs/toy-sft on arith, CPU
     python reft_ppo.py --preset toy --mode vote --model runs/toy-reft         # Voting@k
     python reft_ppo.py --preset toy --mode rerank --model runs/toy-reft       # Rerank@k
+    torchrun --nproc_per_node 8 reft_ppo.py --model codellama-7b --task gsm8k  # the paper's 8 GPUs
 
 Implements Section 2.1 step by step (warm-up, value head, rollout, terminal reward, old
 quantities, KL-shaped reward, GAE, whitening, clipped PPO) and the inference extensions of 2.3.
+The warm-up model is saved to out_dir/warmup; the frozen reference is reloaded from it (or from --model).
 
 Deviations, each also in the README (PAPERS 2.5, 2.6):
 - The value head starts at zero (the OpenAI convention), so the first values are zero; the
@@ -40,8 +42,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 import sft
-from common import (Logger, adapters_disabled, batch_sequences, extract_answer, fail, generate, load_model, load_task,
-                    normalize_answer, parse_args, run_sandboxed, save, token_logprobs)
+from common import (RANK, Logger, adapters_disabled, all_reduce, batch_sequences, extract_answer, fail, gather,
+                    generate, gradient_checkpointing, load_model, load_task, normalize_answer, parse_args,
+                    run_sandboxed, save, shard, token_logprobs, wrap_model)
 
 
 @dataclass
@@ -193,12 +196,13 @@ def gae(rewards, values, mask, gamma, lam):
 
 
 def whiten(advantages, mask):
-    """Step 8: (A - mean) / sqrt(var + 1e-8) over every response token of the rollout batch; mean not restored."""
-    count = mask.sum()
+    """Step 8: (A - mean) / sqrt(var + 1e-8) over every response token of the rollout batch (all ranks' rollouts);
+    mean not restored."""
+    count, total = all_reduce(torch.stack([mask.sum(), (advantages * mask).sum()]))
     if count < 2:
         fail("a rollout batch has fewer than 2 response tokens: raise --max_total_tokens")
-    mean = (advantages * mask).sum() / count
-    variance = ((advantages - mean) ** 2 * mask).sum() / (count - 1)
+    mean = total / count
+    variance = all_reduce(((advantages - mean) ** 2 * mask).sum()) / (count - 1)
     return (advantages - mean) * torch.rsqrt(variance + 1e-8) * mask
 
 
@@ -219,7 +223,7 @@ def ppo_losses(logprobs, values, batch, clip_range, value_clip_range):
 def policy_forward(model, value_head, input_ids, attention_mask, temperature):
     """Log-probs of each token at the sampling temperature, and V(s_t) from the state before it (shared trunk)."""
     logprobs, hidden = token_logprobs(model, input_ids, attention_mask, temperature=temperature, return_hidden=True)
-    return logprobs, value_head(hidden[:, :-1].float()).squeeze(-1)
+    return logprobs, value_head(hidden[:, :-1].to(value_head.weight.dtype)).float().squeeze(-1)  # bf16 under FSDP2
 
 
 def make_prompt(args, question):
@@ -285,12 +289,12 @@ def ppo_update(model, value_head, optimizer, batch, args):
 
 
 def sample_answers(model, tokenizer, examples, args, n=1, temperature=0.0):
-    """n answers per question (greedy when temperature is 0), with their prompts and completions."""
-    prompts = [make_prompt(args, ex.question) for ex in examples]
+    """(prompts, completions, answers), n per question (greedy when temperature is 0); each rank does its share."""
+    prompts = shard([make_prompt(args, ex.question) for ex in examples])
     completions = generate(model, tokenizer, prompts, max_new_tokens=args.eval_max_new_tokens, n=n,
                            temperature=temperature, top_p=1.0, batch_size=256)
-    preds = [answer_of(args, prompts[i // n], c.text) for i, c in enumerate(completions)]
-    return [prompts[i // n] for i in range(len(completions))], completions, preds
+    rows = [(prompts[i // n], c, answer_of(args, prompts[i // n], c.text)) for i, c in enumerate(completions)]
+    return tuple(zip(*gather(rows, len(examples), n)))
 
 
 def accuracy(preds, examples):
@@ -389,12 +393,14 @@ def main(argv=None):
         sft.train(model, tokenizer, pairs, sft.Args(template=template, epochs=args.warmup_epochs, lr=args.warmup_lr,
                                                     schedule_epochs=args.warmup_schedule_epochs, out_dir=args.out_dir,
                                                     batch_size=args.warmup_batch_size, seed=args.seed), logger=logger)
+        save(model, tokenizer, f"{args.out_dir}/warmup", args)  # reloaded as the reference (FSDP2 cannot copy)
     if args.lora_rank > 0:
         def reference(input_ids, attention_mask):
             with adapters_disabled(model):
                 return token_logprobs(model, input_ids, attention_mask, temperature=args.temperature)
     else:
-        frozen = copy.deepcopy(model).eval().requires_grad_(False)
+        warm = f"{args.out_dir}/warmup" if args.warmup_epochs > 0 else args.model
+        frozen = load_model(warm, seed=args.seed)[0].eval().requires_grad_(False)
 
         def reference(input_ids, attention_mask):
             return token_logprobs(frozen, input_ids, attention_mask, temperature=args.temperature)
@@ -404,8 +410,13 @@ def main(argv=None):
     if args.value_head_init == "zero":
         nn.init.zeros_(value_head.weight)
         nn.init.zeros_(value_head.bias)
+    model.value_head = value_head  # a submodule, so that DDP or FSDP2 treats it with the trunk
     model.eval()  # dropout off everywhere during RL (the official update forward runs in eval mode)
-    parameters = [p for p in model.parameters() if p.requires_grad] + list(value_head.parameters())
+    gradient_checkpointing(model, model.device.type == "cuda")
+    policy = wrap_model(model)  # DDP or FSDP2 under torchrun
+    if RANK > 0:  # paper: seed 42 + rank, so that each rank samples its own stream
+        torch.manual_seed(args.seed + RANK)
+    parameters = [p for p in policy.parameters() if p.requires_grad]  # the value head's too
     optimizer = torch.optim.AdamW(parameters, lr=args.lr, eps=1e-8, weight_decay=0.0)  # constant LR
 
     def log_test_accuracy(step):
@@ -421,13 +432,15 @@ def main(argv=None):
         for start in tqdm(range(0, len(order), args.rollout_batch_size), desc=f"ppo epoch {epoch}", leave=False):
             # 3.-8. sample one path per question, score it, and turn the rewards into whitened advantages
             batch, stats, samples = rollout(model, value_head, reference, tokenizer,
-                                            order[start:start + args.rollout_batch_size], args)
+                                            shard(order[start:start + args.rollout_batch_size]), args)  # rank's share
             # 9. the clipped PPO update
-            stats |= ppo_update(model, value_head, optimizer, batch, args)
+            stats |= ppo_update(policy, value_head, optimizer, batch, args)
+            stats = dict(zip(stats, all_reduce(torch.tensor(list(stats.values()), device=model.device), True).tolist()))
             step += 1
             logger.log(f"rollout {step}", epoch=epoch, **stats)
             logger.samples([dict(step=step, **s) for s in samples[:2]])
         log_test_accuracy(f"ppo {epoch}")  # 10. greedy evaluation after every epoch
+    del model.value_head  # not part of the saved policy
     save(model, tokenizer, args.out_dir, args)
     print(f"saved {args.out_dir}")
 

@@ -41,8 +41,9 @@ from dataclasses import dataclass
 import torch
 
 import sft
-from common import (Logger, batch_sequences, encode_pair, evaluate, extract_answer, fail, generate, is_equiv,
-                    load_model, load_task, parse_args, save, token_logprobs)
+from common import (RANK, Logger, all_reduce, batch_sequences, evaluate, extract_answer, fail, gather, generate,
+                    gradient_checkpointing, is_equiv, load_model, load_task, parse_args, save, shard, token_logprobs,
+                    wrap_model)
 
 
 @dataclass
@@ -260,8 +261,8 @@ def tokenize_dpo_pair(tokenizer, pair, args):
     """3.2: BOS + prompt.rstrip("\\n") + "\\n"; EOS on chosen only (quirk); trl 0.7 truncation: the prompt keeps its
     last max_prompt_length tokens if prompt + longer response is too long, then the responses are cut."""
     prompt = pair["prompt"].rstrip("\n") + "\n"
-    prompt_ids, chosen_ids = encode_pair(tokenizer, prompt, pair["chosen"])
-    rejected_ids = encode_pair(tokenizer, prompt, pair["rejected"])[1][:None if args.eos_on_rejected else -1]
+    prompt_ids, chosen_ids = sft.encode_pair(tokenizer, prompt, pair["chosen"])
+    rejected_ids = sft.encode_pair(tokenizer, prompt, pair["rejected"])[1][:None if args.eos_on_rejected else -1]
     longer = max(len(chosen_ids), len(rejected_ids))
     if len(prompt_ids) + longer > args.max_length:
         prompt_ids = prompt_ids[-args.max_prompt_length:]
@@ -273,9 +274,8 @@ def tokenize_dpo_pair(tokenizer, pair, args):
 
 def pair_logprobs(model, rows, pad_id):
     """[B, 2] log pi(y+|x), log pi(y-|x) in one forward, each the SUM of its response-token log-probs (PAPERS 7.8)."""
-    prompts = [p for p, _, _ in rows] * 2
-    responses = [c for _, c, _ in rows] + [r for _, _, r in rows]
-    input_ids, attention_mask, response_mask = batch_sequences(prompts, responses, pad_id, model.device)
+    prompts, chosen, rejected = zip(*rows)
+    input_ids, attention_mask, response_mask = batch_sequences(prompts * 2, chosen + rejected, pad_id, model.device)
     sums = (token_logprobs(model, input_ids, attention_mask) * response_mask).sum(-1)
     return torch.stack(sums.split(len(rows)), dim=1)
 
@@ -288,40 +288,38 @@ def dpo_loss(policy, reference, beta):
 
 
 def train_dpo(model, tokenizer, data, args, logger):
-    """Step 9 with 3.5's recipe: RMSprop, linear schedule with 10% warm-up, gradient clipping, dropout off. The
-    reference is the starting (RFT) model: its log-probs are computed once, before the first update."""
-    model.train()  # gradient checkpointing needs train mode, so dropout is switched off module by module (3.5)
-    for module in model.modules():
+    """Step 9 with 3.5's recipe: RMSprop, linear schedule with 10% warm-up, gradient clipping, dropout off."""
+    for module in model.modules():  # dropout off, module by module (3.5)
         if isinstance(module, torch.nn.Dropout) or hasattr(module, "attention_dropout"):
             module.p = module.attention_dropout = 0.0
-    size = args.micro_batch_size
-    with torch.no_grad():
-        reference = torch.cat([pair_logprobs(model, data[i:i + size], tokenizer.pad_token_id) for i in range(0, len(data), size)])
-    optimizer = torch.optim.RMSprop([p for p in model.parameters() if p.requires_grad], lr=args.dpo_lr)
+    gradient_checkpointing(model, model.device.type == "cuda")  # left on: saved next
+    size, mine = args.micro_batch_size, shard(data)
+    with torch.no_grad():  # the reference: the starting (RFT) model, scored once; each rank scores its share
+        reference = torch.cat([pair_logprobs(model, mine[i:i + size], tokenizer.pad_token_id) for i in range(0, len(mine), size)])
+        reference = torch.tensor(gather(reference.tolist(), len(data)), device=model.device)
+    policy = wrap_model(model)  # DDP or FSDP2 under torchrun
+    optimizer = torch.optim.RMSprop([p for p in policy.parameters() if p.requires_grad], lr=args.dpo_lr)
     total = math.ceil(len(data) / args.dpo_batch_size) * args.dpo_epochs
     warmup = math.ceil(0.1 * total)  # paper: warm-up ratio 0.1, rounded up as the Trainer does
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: step / warmup if step < warmup
                                                  else max(0.0, (total - step) / max(1, total - warmup)))
-    if model.device.type == "cuda":
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})  # left on: saved next
     rng = random.Random(args.seed)
     for epoch in range(1, args.dpo_epochs + 1):
-        order, sums = rng.sample(range(len(data)), len(data)), Counter()
+        order, sums = rng.sample(range(len(data)), len(data)), torch.zeros(4, device=model.device)
         for start in range(0, len(data), args.dpo_batch_size):
-            batch = order[start:start + args.dpo_batch_size]
+            batch = shard(order[start:start + args.dpo_batch_size])  # this rank's share
             for rows in (batch[i:i + size] for i in range(0, len(batch), size)):
-                losses, rewards = dpo_loss(pair_logprobs(model, [data[i] for i in rows], tokenizer.pad_token_id),
+                losses, rewards = dpo_loss(pair_logprobs(policy, [data[i] for i in rows], tokenizer.pad_token_id),
                                            reference[rows], args.beta)
                 if not torch.isfinite(losses).all():
                     fail(f"non-finite DPO loss in epoch {epoch}: lower --dpo_lr")
                 (losses.sum() / len(batch)).backward()
-                sums.update(loss=losses.sum().item(), chosen_reward=rewards[:, 0].sum().item(),
-                            rejected_reward=rewards[:, 1].sum().item(), accuracy=(rewards[:, 0] > rewards[:, 1]).sum().item())
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)  # the Trainer's default
+                sums += torch.stack([losses.detach().sum(), *rewards.sum(0), (rewards[:, 0] > rewards[:, 1]).sum()])
+            torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)  # the Trainer's default
             optimizer.step()
             schedule.step()
             optimizer.zero_grad(set_to_none=True)
-        means = {key: value / len(data) for key, value in sums.items()}
+        means = dict(zip("loss chosen_reward rejected_reward accuracy".split(), all_reduce(sums / len(data)).tolist()))
         logger.log(f"dpo {epoch}", **means, margin=means["chosen_reward"] - means["rejected_reward"], lr=schedule.get_last_lr()[0])
 
 
@@ -333,9 +331,10 @@ def cached_rows(path, build, seed):
         return [json.loads(line) for line in open(path)]
     torch.manual_seed(seed)  # each stage samples reproducibly, resumed or not
     rows = build()
-    with open(path + ".tmp", "w") as f:
-        f.writelines(json.dumps(row) + "\n" for row in rows)
-    os.replace(path + ".tmp", path)
+    if RANK == 0:
+        with open(path + ".tmp", "w") as f:
+            f.writelines(json.dumps(row) + "\n" for row in rows)
+        os.replace(path + ".tmp", path)
     return rows
 
 
@@ -358,9 +357,10 @@ def supervised_stage(args, start, pairs, epochs, out_dir, logger):
 
 def sampler(path, args, stop=None):
     """sample_fn(prompts, n) -> n texts per prompt (prompt-major) from the model at `path`, T = 0.7, top_p 1."""
-    model, tokenizer = load_model(path, seed=args.seed)
-    return lambda prompts, n: [c.text for c in generate(model, tokenizer, prompts, max_new_tokens=args.max_new_tokens,
-                               temperature=args.temperature, top_p=1.0, n=n, stop=stop, batch_size=args.sample_batch_size)]
+    model, tokenizer = load_model(path, seed=args.seed)  # each rank samples its share of the prompts (torchrun)
+    return lambda prompts, n: gather([c.text for c in generate(
+        model, tokenizer, shard(prompts), max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=1.0,
+        n=n, stop=stop, batch_size=args.sample_batch_size)], len(prompts), n)
 
 
 def main(argv=None):

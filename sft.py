@@ -5,12 +5,14 @@ against (PAPERS.md section 1): ReFT's warm-up and SFT baseline (Luong et al., 20
 2401.08967), Self-Explore's SFT and RFT stages (Hwang et al., 2024, arXiv 2404.10346) and GSI's
 per-iteration fine-tuning (Ding et al., 2024, arXiv 2411.00750). Each paper's recipe (template,
 loss mask, schedule, batch) is a preset; the defaults are ReFT's SFT baseline. Other methods import
-`train` for their supervised stages, and `TEMPLATES`/`prompt_for`/`target_for` for their prompts.
+`train` for their supervised stages, `TEMPLATES`/`prompt_for`/`target_for` for their prompts and
+`encode_pair` (prompt | target + EOS tokenisation) for DPO pairs.
 
     python sft.py --model codellama-7b --task gsm8k            # ReFT's SFT baseline (the defaults)
     python sft.py --preset self_explore --model deepseek-math-7b
     python sft.py --preset gsi --model llama3-8b
     python sft.py --preset toy                                  # tiny on arith, CPU, minutes -> runs/toy-sft
+    torchrun --nproc_per_node 8 sft.py --model codellama-7b     # the same on 8 GPUs (any script, see README)
 
 Implements section 1.1: tokenise prompt + target + EOS; labels on the target and EOS (on the
 prompt too with --loss_on_prompt, as Self-Explore's code does); L = -(1/N) sum_t log p(y_t | y_<t)
@@ -28,8 +30,8 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from common import (Logger, batch_sequences, encode_pair, evaluate, fail, load_model, load_task,
-                    parse_args, save, token_logprobs)
+from common import (WORLD, Logger, all_reduce, batch_sequences, evaluate, fail, gradient_checkpointing, load_model,
+                    load_task, parse_args, save, shard, token_logprobs, wrap_model)
 
 TEMPLATES = {  # PAPERS 1.2: (prompt, target); the target gets EOS appended at tokenisation
     "reft": ("Question:\n{question}\nAnswer reasoning:\n", "{rationale}\nTherefore, the answer is: {answer}"),
@@ -110,6 +112,15 @@ PRESETS = {
 TOY = PRESETS["toy"]
 
 
+def encode_pair(tokenizer, prompt, target):
+    """(prompt_ids, target_ids + [EOS]), the prompt with the tokenizer's defaults (its BOS). The target is cut from the
+    joint tokenisation: its first token is the one the model sees after the prompt (not a word-start variant)."""
+    prompt_ids, joint = tokenizer(prompt)["input_ids"], tokenizer(prompt + target)["input_ids"]
+    same_prefix = joint[:len(prompt_ids)] == prompt_ids
+    target_ids = joint[len(prompt_ids):] if same_prefix else tokenizer(target, add_special_tokens=False)["input_ids"]
+    return prompt_ids, target_ids + [tokenizer.eos_token_id]
+
+
 def tokenize_pairs(tokenizer, pairs, loss_on_prompt, max_length):
     """(unlabelled ids, labelled ids) per pair: prompt | target + EOS, or nothing | everything with
     loss_on_prompt; cut to max_length tokens in all."""
@@ -134,38 +145,39 @@ def train(model, tokenizer, pairs, args, eval_fn=None, logger=None):
     steps_per_epoch = math.ceil(len(data) / args.batch_size)
     total_steps = steps_per_epoch * (args.schedule_epochs or args.epochs)
     warmup_steps = int(args.warmup_ratio * total_steps)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr,
+    wrapped = wrap_model(model)  # DDP or FSDP2 under torchrun, else the model
+    optimizer = torch.optim.AdamW([p for p in wrapped.parameters() if p.requires_grad], lr=args.lr,
                                   eps=args.adam_eps, weight_decay=args.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: step / warmup_steps if step < warmup_steps
                                                  else max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps)))
-    if args.gradient_checkpointing and model.device.type == "cuda":
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    gradient_checkpointing(model, args.gradient_checkpointing and model.device.type == "cuda")
     rng, history = random.Random(args.seed), []
     for epoch in range(1, args.epochs + 1):
         model.train()
         order = rng.sample(range(len(data)), len(data))
         losses = []
         for step in tqdm(range(steps_per_epoch), desc=f"sft epoch {epoch}", leave=False):
-            batch = [data[i] for i in order[step * args.batch_size:(step + 1) * args.batch_size]]
+            batch = shard([data[i] for i in order[step * args.batch_size:(step + 1) * args.batch_size]])  # rank's share
             micro_batches = [batch_sequences([p for p, _ in batch[i:i + args.micro_batch_size]],
                                              [t for _, t in batch[i:i + args.micro_batch_size]],
                                              tokenizer.pad_token_id, model.device)
                              for i in range(0, len(batch), args.micro_batch_size)]
-            n_tokens = sum(target_mask.sum() for *_, target_mask in micro_batches)  # 1.5: over the whole step
+            n_tokens = all_reduce(sum(target_mask.sum() for *_, target_mask in micro_batches))  # 1.5: the whole step
             step_loss = 0.0
             for input_ids, attention_mask, target_mask in micro_batches:
-                logprobs = token_logprobs(model, input_ids, attention_mask)
-                loss = -(logprobs * target_mask).sum() / n_tokens  # Sec. 1.1, step 5
+                logprobs = token_logprobs(wrapped, input_ids, attention_mask)
+                loss = -(logprobs * target_mask).sum() / n_tokens * WORLD  # Sec. 1.1, step 5; ranks average gradients
                 if not torch.isfinite(loss):
                     fail(f"non-finite loss at epoch {epoch} step {step}: lower --lr (the last saved checkpoint is kept)")
                 loss.backward()
                 step_loss += loss.item()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+            torch.nn.utils.clip_grad_norm_(wrapped.parameters(), args.grad_clip)
             optimizer.step()
             schedule.step()
             optimizer.zero_grad(set_to_none=True)
             losses.append(step_loss)
-        metrics = {"epoch": epoch, "loss": sum(losses) / len(losses), "lr": schedule.get_last_lr()[0]}
+        loss = all_reduce(torch.tensor(sum(losses) / len(losses), device=model.device), mean=True).item()
+        metrics = {"epoch": epoch, "loss": loss, "lr": schedule.get_last_lr()[0]}
         if eval_fn is not None:
             metrics |= eval_fn(model)
         if logger is not None:
@@ -173,8 +185,7 @@ def train(model, tokenizer, pairs, args, eval_fn=None, logger=None):
         if args.save_every_epoch:
             save(model, tokenizer, f"{args.out_dir}/epoch-{epoch}", args)
         history.append(metrics)
-    if args.gradient_checkpointing and model.device.type == "cuda":
-        model.gradient_checkpointing_disable()
+    gradient_checkpointing(model, False)
     return history
 
 

@@ -1,7 +1,8 @@
-"""The minimal LoRA of common.py: a no-op at start, only adapters train, merge on save, adapters off = base."""
+"""One GPU: the minimal LoRA of common.py (a no-op at start, only adapters train, merge on save, adapters off = base)
+and gradient checkpointing that also works in eval()."""
 import torch
 
-from common import LoRALinear, adapters_disabled, load_model, save
+from common import LoRALinear, adapters_disabled, gradient_checkpointing, load_model, save, token_logprobs
 
 
 def logits(model, ids):
@@ -36,3 +37,30 @@ def test_lora_starts_as_the_base_trains_only_adapters_and_merges_on_save(tmp_pat
     merged, _ = load_model(str(tmp_path / "merged"))
     assert not any(isinstance(m, LoRALinear) for m in merged.modules())
     torch.testing.assert_close(logits(merged, ids), adapted, atol=1e-5, rtol=1e-4)
+
+
+def test_gradient_checkpointing_recomputes_in_eval_mode_with_the_same_gradients():
+    """RL and DPO train in eval() (dropout off): checkpointing must work there, reach frozen-embedding LoRA
+    adapters (PAPERS 7.9), and leave no-grad forwards (sampling) alone."""
+    model, tokenizer = load_model("tiny", seed=0, lora_rank=4)
+    model.eval()
+    torch.nn.init.normal_(model.model.layers[0].mlp.up_proj.lora_B)  # B = 0 would give A no gradient
+    ids = torch.tensor([tokenizer("(1+2)*3\n1+2=3")["input_ids"]] * 2)
+    calls, grads, mlp = [], [], model.model.layers[0].mlp
+    mlp.forward = lambda *args, forward=mlp.forward: calls.append(torch.is_grad_enabled()) or forward(*args)
+    for enable in (False, True):
+        gradient_checkpointing(model, enable)
+        calls.clear()
+        token_logprobs(model, ids, torch.ones_like(ids)).sum().backward()
+        assert len(calls) == 1 + enable  # the layer runs again in backward
+        grads.append([p.grad.clone() for p in model.parameters() if p.requires_grad])
+        model.zero_grad()
+    for plain, recomputed in zip(*grads):
+        torch.testing.assert_close(recomputed, plain)
+    assert any(g.abs().sum() > 0 for g in grads[1][:2])  # lora_A and lora_B of the first adapter
+    calls.clear()
+    with torch.no_grad():
+        token_logprobs(model, ids, torch.ones_like(ids))
+    assert calls == [False]  # no checkpoint without grad
+    gradient_checkpointing(model, False)
+    assert not any("forward" in vars(layer) for layer in model.model.layers)
