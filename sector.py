@@ -13,18 +13,26 @@ improvement operator: the slow policy of one model becomes the fast policy of th
 when fast accuracy at the new length collapses (error avalanching).
 
     python sector.py                    # the paper's schedule: ground truth on 1..6 digits, self-taught up to 30
-    python sector.py --preset toy       # CPU, about N minutes: ground truth on 1..3 digits, self-taught 4..10
+    python sector.py --preset toy       # CPU: ground truth on 1..3 digits, self-taught 4..8 (see README: not yet met)
 
 Implements PAPERS 6.1 steps 1-9: the task (a+b and a+b+1), the fast and slow forms, the supervised
 curriculum, simplify-then-guess, the commutativity check, fine-tuning on the new length with
 replay, fast-mode greedy evaluation on 100 problems per length, and the stop on collapse.
 
 Our choices, where the paper's are unknown (PAPERS 6.2-6.3):
-- Formats: fast `123+456=` -> `579` and `123+456+1=` -> `580`; slow `123+456>` -> `12+45+1;9`
-  (the shorter problem, `+1` for a carry, `;`, the emitted digit). `>` ("simplifies to") tells a slow
-  prompt from a fast one. Base case: a slow step on a 1-digit problem leaves no problem and emits
-  the whole sum: `7+5+1>` -> `;13`. n-digit operands are uniform in [10^(n-1), 10^n); the carry-in
-  of a+b+c is 0 or 1 with probability 1/2.
+- Formats: fast `123+456=` -> `579` and `123+456+1=` -> `580`; slow `123+456>` -> `+1;9`: the
+  step's carry (`+1`, or nothing) and the emitted digit after `;`. The problem the step leaves,
+  `12+45+1`, is written by string surgery on the prompt (`shorten`: drop both last digits, append the
+  carry), not by the model: copying digits is not the skill under study, and it keeps a slow step's
+  output four characters long at any length. `>` ("simplifies to") tells a slow prompt from a fast
+  one. Base case: a slow step on 1-digit operands leaves nothing; its carry is the sum's leading
+  digit. n-digit operands are uniform in [10^(n-1), 10^n); the carry-in c of a+b+c is 0 or 1.
+- Slow prompts of the supervised phase write both operands zero-padded to a random width up to
+  `slow_width` (`0057+0068+1>` -> `+1;6`); the values still have at most N0 digits. Without it
+  the precondition of 6.1 step 4 fails for `tiny`: trained on 1..3 digits, its slow step was right on
+  34% of 4-digit problems (it reads the last digits by their distance from the end, which is new at
+  a new length), S&G labels were 27% wrong, and the commutativity check cannot catch it (the misread
+  positions are the same in both orders). With `slow_width 8` the slow step is right on 95%.
 - Curriculum: rounds of `sup_problems` fresh problems (half at the new length n, half at a length
   drawn from 1..n), one fast and one slow pair each; move on once fast and slow exact match on 100
   fresh n-digit problems both reach `threshold` (95%), or after `max_rounds`.
@@ -44,8 +52,11 @@ Our choices, where the paper's are unknown (PAPERS 6.2-6.3):
   Collapse means fast accuracy at the new length below `collapse_below`. The error rate of the kept
   labels is measured against the truth and logged (`label_error`, PAPERS 6.4 Figure 5): evaluation
   only, it never changes a label.
+- Self-training rounds: a length is labelled and fine-tuned on in rounds (fresh problems each) until
+  the fast answers agree with the S&G labels on `agreement` of them, or `self_rounds` rounds; the
+  paper's one step per length is `--self_rounds 1`. The stop test uses only the model's own labels.
 - Fine-tuning: `sft.train` (AdamW, warm-up then linear decay to 0 within every call), one call per
-  curriculum round and per self-training step.
+  curriculum round and per self-training round.
 Deviation (PAPERS 6.3): a decoder-only causal LM (`tiny`, trained from scratch, by default) in place
 of the paper's 582M ByT5 encoder-decoder, so the script shares common.py; any causal LM name works.
 """
@@ -77,7 +88,7 @@ class Args:
     sup_problems: int = 4000  # our choice
     """fresh ground-truth problems per curriculum round"""
     slow_width: int = 32  # our choice
-    """ground-truth slow prompts zero-pad their operands to a random width up to this (see the docstring)"""
+    """zero-pad both operands of ground-truth slow prompts to a random width up to this (1: none; see docstring)"""
     candidates: int = 5  # paper: K = 5
     """K, the simplify-then-guess candidates (0..K-1 slow steps each)"""
     n_problems: int = 4000  # our choice
@@ -106,7 +117,7 @@ class Args:
     """seed for initialisation, problems and shuffling"""
 
 
-TOY = dict(n0=3, max_digits=10, slow_width=12, out_dir="runs/toy-sector", batch_size=32, micro_batch_size=32, sup_problems=2000,
+TOY = dict(n0=3, max_digits=8, slow_width=8, out_dir="runs/toy-sector", batch_size=32, micro_batch_size=32, sup_problems=2000,
            n_problems=2000, replay=4000)
 
 
@@ -260,8 +271,8 @@ def format_table(rows):
 def check_args(args, model):
     if args.n0 < 1 or args.max_digits < args.n0:
         fail(f"need 1 <= n0 <= max_digits, got n0={args.n0} and max_digits={args.max_digits}")
-    if args.candidates < 1 or args.n_eval < 1 or args.sup_problems < 1 or args.n_problems < 1:
-        fail("candidates, n_eval, sup_problems and n_problems must be at least 1")
+    if min(args.candidates, args.n_eval, args.sup_problems, args.n_problems, args.slow_width) < 1:
+        fail("candidates, n_eval, sup_problems, n_problems and slow_width must be at least 1")
     longest = 2 * (2 * args.max_digits + 4) + 2  # a slow prompt, its output and BOS/EOS, in bytes
     context = getattr(model.config, "max_position_embeddings", None) or longest
     if longest > context:
