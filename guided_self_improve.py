@@ -1,0 +1,382 @@
+"""Mitigating Tail Narrowing in LLM Self-Improvement via Socratic-Guided Sampling (GSI).
+
+Yiwen Ding, Zhiheng Xi, Wei He, Zhuoyuan Li, Yitao Zhai, Xiaowei Shi, Xunliang Cai, Tao Gui, Qi Zhang,
+Xuanjing Huang (Fudan University, Meituan), NAACL 2025, arXiv 2411.00750. Official code:
+Yiwen-Ding/Guided-Self-Improvement (commit 77ba9ed). PAPERS.md section 4.
+
+Self-improvement (sample, keep the correct solutions, fine-tune, repeat) over-samples the questions the
+model already solves: over the iterations the solutions to hard questions thin out of the training data
+("tail narrowing") and accuracy plateaus. Brute force (many more plain samples for the hard questions)
+brings them back at a high price. GSI re-samples only the hard questions (fewer than 4 of 8 samples
+correct), for a few rounds, with a Socratic hint in the prompt: the gold answer, the gold rationale, a
+prefix of the gold rationale to continue from (state reset), or a teacher's critique of a wrong attempt;
+it trains on the correct solutions with the plain, hint-free prompt.
+
+    python guided_self_improve.py --model llama3-8b --task gsm8k                  # state reset (default)
+    python guided_self_improve.py --model llama3-8b --task gsm8k --strategy none  # vanilla self-improvement
+    python guided_self_improve.py --model llama3-8b --strategy interactive --teacher path/to/llama3-70b-instruct
+    python guided_self_improve.py --preset toy [--strategy none|brute_force|answer_driven|rationale_driven]
+
+Implements the pipeline of 4.1 (steps 1-6 in main), the prompts of 4.2 (the official code's strings) and
+the settings of 4.3. Logged per iteration: greedy test accuracy, samples and generated tokens spent,
+coverage of all and of hard questions, and the histogram of correct samples per question (tail narrowing).
+Every iteration, the last included, samples and re-samples as the official loop does (the last one's data
+would feed a next iteration; here it measures the tail). Bugs not reproduced (4.4): the official state-reset
+script never runs (a wrong keyword); its token prefixes come from the Llama-3 tokenizer reloaded at every
+call and start with the BOS text (here: the policy's tokenizer, no special tokens). Deviations: the teacher
+sees the question's last WRONG prediction (the code: the last one, which may be correct); one base model for
+every strategy (the scripts mix base and Instruct); one task gives the sampled questions and, by default,
+the iteration-0 SFT data (the paper: MathInstruct for D_0, see --sft_task; AQuA + GSM8K + MATH to sample);
+common.extract_answer/is_equiv grade (the code: a MAmmoTH-style normaliser); the teacher is a local model
+or the policy itself (--teacher self), not a 70B model behind an API; the toy preset's changes are listed
+in the comment above it (--train_sequences: equal training compute per iteration).
+"""
+import json
+import os
+import random
+import re
+import time
+from collections import Counter
+from dataclasses import dataclass
+
+import torch
+
+import sft
+from common import Logger, evaluate, extract_answer, fail, generate, is_equiv, load_model, load_task, parse_args, save
+
+STRATEGIES = ("none", "brute_force", "answer_driven", "rationale_driven", "state_reset", "interactive")
+
+
+@dataclass
+class Args:
+    model: str = "llama3-8b"  # paper: Llama3-8B (figures: also Llama2-7B, DeepSeek-Math-7B, Mistral-7B)
+    """base model every iteration starts from: an alias, a hub id, a local checkpoint, or tiny"""
+    task: str = "gsm8k"  # paper: AQuA, GSM8K and MATH training questions
+    """training questions to sample (and the test split to evaluate): gsm8k, math, arith or a .jsonl/.json file"""
+    sft_task: str = ""  # paper: MathInstruct (CoT subset)
+    """iteration-0 SFT data with gold rationales ('' = --task)"""
+    sft_model: str = ""
+    """an already trained iteration-0 model (SFT of --model on the gold rationales): skip that training"""
+    strategy: str = "state_reset"  # PAPERS 4.5: state reset, the strategy reported to work best
+    """re-sampling of hard questions: none (vanilla), brute_force, answer_driven, rationale_driven,
+    state_reset or interactive"""
+    teacher: str = ""  # paper: Llama-3-70B-Instruct
+    """interactive only: the teacher model (a path, alias or hub id), or `self` for the current policy"""
+    template: str = "gsi"  # paper: "Below is a math problem, please give a step-by-step answer. ..."
+    """plain prompt and gold target format (sft.TEMPLATES); every training pair uses its plain prompt"""
+    out_dir: str = "runs/gsi"
+    """run folder: metrics.jsonl, each iteration's model (iter-t) and samples (samples-t.jsonl)"""
+    iterations: int = 4  # paper: t = 0..3
+    """models trained: M_0 (SFT on gold rationales) up to M_{iterations-1}"""
+    n_questions: int = 0
+    """sample only the first n training questions each iteration (0: all)"""
+    n_samples: int = 8  # paper
+    """plain samples per question per iteration"""
+    min_correct: int = 4  # paper: hard = fewer than 4 of 8 correct
+    """a question is hard while fewer than this many of its samples are correct"""
+    guided_rounds: int = 8  # paper
+    """rounds of guided re-sampling (one sample per still-hard question per round)"""
+    brute_force_rounds: int = 128  # paper: 128 (CoT), 32 (PoT)
+    """rounds of plain re-sampling for --strategy brute_force"""
+    reset_by: str = "lines"  # official code: lines for GSM8K, token proportions for the other datasets
+    """state-reset prefix: lines (the first 1, 2, ... lines) or tokens (20/40/60/80/80% of the gold tokens)"""
+    temperature: float = 0.7  # paper: top_p 1
+    """sampling temperature of the policy"""
+    teacher_temperature: float = 1.0  # official code
+    """sampling temperature of the teacher"""
+    teacher_top_p: float = 0.95  # official code
+    """nucleus mass of the teacher"""
+    max_new_tokens: int = 1024  # paper: sampling, teacher and evaluation
+    """generation budget of sampling, teacher and greedy evaluation"""
+    sample_batch_size: int = 64
+    """sequences per generation batch"""
+    epochs: int = 1  # paper: 1 epoch per iteration
+    """SFT epochs per iteration"""
+    train_sequences: int = 0
+    """> 0: train every iteration on exactly this many sequences, drawn in shuffled passes over D_t, instead of
+    --epochs passes (equal training compute for every strategy, however large its D_t)"""
+    lr: float = 1e-5  # paper: PAPERS 1.3, GSI column
+    """SFT learning rate (AdamW, linear warm-up then decay)"""
+    warmup_ratio: float = 0.1  # paper
+    """SFT warm-up fraction"""
+    batch_size: int = 64  # paper: 4/GPU x 8 GPUs x accumulation 2
+    """SFT sequences per optimiser step"""
+    micro_batch_size: int = 4
+    """SFT sequences per forward/backward (memory only)"""
+    max_length: int = 1024  # paper
+    """SFT prompt + target tokens kept"""
+    lora_rank: int = 0
+    """LoRA rank for every iteration's fine-tuning (0: full fine-tuning)"""
+    seed: int = 42  # paper
+    """seed for initialisation, shuffling and sampling"""
+
+
+PRESETS = {
+    # The toy world: iteration 0 is runs/toy-sft (`python sft.py --preset toy`: a fresh tiny, seed 0, trained on
+    # the 4000 gold arith rationales with the self_explore template, as every toy preset, and this recipe);
+    # later iterations train a fresh tiny with seed 0 (the base model) from scratch. Changes against the paper,
+    # for a CPU: 3 iterations; the first 1500 training questions are sampled; every iteration trains on 24000
+    # sequences (toy SFT's 6 epochs x 4000, 750 steps): one epoch over D_t learns nothing from scratch, and
+    # from scratch the accuracy follows the number of steps, which would favour strategies with a larger D_t.
+    "toy": dict(model="tiny", sft_model="runs/toy-sft", task="arith", template="self_explore",
+                out_dir="runs/toy-gsi", iterations=3, n_questions=1500, train_sequences=24000, lr=3e-3,
+                batch_size=32, micro_batch_size=32, max_length=256, max_new_tokens=96, sample_batch_size=1024, seed=0),
+}
+TOY = PRESETS["toy"]
+
+# 4.2: the official code's prompt strings (src/utils.py); the plain and answer-driven prompts are sft.TEMPLATES'.
+RATIONALE_DRIVEN = ("Below is a math problem with a reference answer. Using the reference answer as a guide, write "
+                    "your own answer.\n\n### Question:\n{question} \n\n### Reference Answer:\n{reference}\n\n"
+                    "### Your detailed, complete and step-by-step answer:\n")
+TEACHER_SYSTEM = ("You're a patient teacher who corrects mistakes and guides students, helping them find the correct "
+                  "answers on their own. For the following math problem, the original solution is incorrect. Please "
+                  "identify the incorrect step, explain why it is incorrect.\n")
+TEACHER = ("### Question:\n{question}\n\n### Student's original wrong answer:\n{wrong}\n\n"
+           "### Correct final answer:\n{reference}\n\n### Your correction:\n")
+STUDENT = ("Below is a correction to your previous solution. Review this carefully and use it to revise your solution. "
+           "Ensure that it includes all necessary steps clearly and thoroughly.\n\n### Question:\n{question}\n\n"
+           "### Your original wrong answer:\n{wrong}\n\n### Correction and guidance:\n{correction}\n\n"
+           "### Your revised, complete step-by-step solution:\n")
+
+
+# ---------------------------------------------------------------- ALGO: hints (4.2)
+def answer_driven_prompt(template, example):
+    """The plain prompt with the gold value after the question and one space, no label."""
+    return sft.prompt_for(template, f"{example.question.strip()} {example.answer}")
+
+
+def rationale_driven_prompt(example, reference):
+    """The gold rationale (the whole reference solution) shown as a guide."""
+    return RATIONALE_DRIVEN.format(question=example.question, reference=reference)
+
+
+def state_reset_prefix(reference, round_index, reset_by, tokenizer=None):
+    """The start of the gold rationale that round `round_index` (0-based) continues from. lines: the first k lines,
+    k = 1, 2, ... per round; past the end, all lines but the last, then k = 1 again. tokens: the first 20, 40, 60,
+    80, 80, 20, ... % of its tokens (the official counter 0.2 + 0.2 + ... reaches 1.0 at round 5 and repeats 0.8)."""
+    if reset_by == "lines":
+        lines = reference.split("\n")
+        return "\n".join(lines[:min(round_index % len(lines) + 1, len(lines) - 1)]) + "\n"
+    ids = tokenizer(reference, add_special_tokens=False)["input_ids"]
+    return tokenizer.decode(ids[:int((0.2, 0.4, 0.6, 0.8, 0.8)[round_index % 5] * len(ids))])
+
+
+def chat_prompt(tokenizer, system, user):
+    """One fresh single-turn exchange, in the tokenizer's chat format when it has one (generate() adds the BOS)."""
+    if not getattr(tokenizer, "chat_template", None):
+        return f"{system}\n{user}"
+    text = tokenizer.apply_chat_template([{"role": "system", "content": system}, {"role": "user", "content": user}],
+                                         tokenize=False, add_generation_prompt=True)
+    return text.removeprefix(tokenizer.bos_token or "")
+
+
+def interactive_prompts(examples, references, wrongs, teacher_fn, stats):
+    """Interactive sampling: the teacher critiques a wrong attempt against the gold rationale (the official
+    `Correct final answer` holds the rationale, not just the value); the student then revises with the critique."""
+    users = [TEACHER.format(question=e.question, wrong=w, reference=r) for e, w, r in zip(examples, wrongs, references)]
+    critiques = teacher_fn(users)
+    stats.update(teacher_samples=len(critiques), teacher_tokens=sum(len(c.token_ids) for c in critiques))
+    return [STUDENT.format(question=e.question, wrong=w, correction=c.text) for e, w, c in zip(examples, wrongs, critiques)]
+
+
+# ---------------------------------------------------------------- ALGO: sampling, tail questions, re-sampling (4.1)
+def is_correct(text, answer):
+    return is_equiv(extract_answer(text), answer)
+
+
+def n_correct(pool):
+    return sum(sample["correct"] for sample in pool)
+
+
+def hard_questions(pools, min_correct):
+    """Step 4: a question is hard while fewer than min_correct of its samples are correct (it need not have 0)."""
+    return [i for i, pool in enumerate(pools) if n_correct(pool) < min_correct]
+
+
+def guided_prompts(args, examples, pools, round_index, plain, reference, teacher_fn, tokenizer, stats):
+    """Step 5, one round: (prompt, prefix of the stored response) for each hard question under the strategy."""
+    no_prefix = [""] * len(examples)
+    if args.strategy == "brute_force":  # no hint: more plain samples
+        return [plain(e) for e in examples], no_prefix
+    if args.strategy == "answer_driven":
+        return [answer_driven_prompt(args.template, e) for e in examples], no_prefix
+    if args.strategy == "rationale_driven":
+        return [rationale_driven_prompt(e, reference(e)) for e in examples], no_prefix
+    if args.strategy == "state_reset":  # the model continues the gold prefix; prefix + continuation is stored
+        prefixes = [state_reset_prefix(reference(e), round_index, args.reset_by, tokenizer) for e in examples]
+        return [plain(e) + prefix for e, prefix in zip(examples, prefixes)], prefixes
+    # interactive (4.4 deviation): the last WRONG prediction; a hard question has one since min_correct <= n_samples
+    wrongs = [next(s["text"] for s in reversed(pool) if not s["correct"]) for pool in pools]
+    return interactive_prompts(examples, [reference(e) for e in examples], wrongs, teacher_fn, stats), no_prefix
+
+
+def answer_in(text, answer):
+    """The gold answer written in `text` as a whole number (not a part of a longer one)."""
+    return re.search(rf"(?<![\d.]){re.escape(answer)}(?![\d.])", text) is not None
+
+
+def collect_samples(examples, args, sample_fn, plain, reference, teacher_fn=None, tokenizer=None):
+    """Steps 3-5: n plain samples per question, then up to R rounds in which every still-hard question gets one
+    sample with the strategy's prompt (R = 0 vanilla, guided_rounds, or brute_force_rounds), stopping early when
+    none is left. sample_fn(prompts, n) -> n Completions per prompt, prompt-major. Returns each question's pool
+    of {prompt, text, correct, resampled} and the costs: samples and generated tokens (a state-reset prefix is not
+    generated, so not counted), the teacher's separately."""
+    pools, stats = [[] for _ in examples], Counter()
+
+    def add(indices, prompts, completions, prefixes, resampled):
+        for i, prompt, completion, prefix in zip(indices, prompts, completions, prefixes):
+            text, answer = prefix + completion.text, examples[i].answer
+            pools[i].append(dict(prompt=prompt, text=text, correct=is_correct(text, answer), resampled=resampled))
+            # 4.4: how often a correct state-reset sample had the answer in its gold prefix already
+            stats["reset_copied"] += bool(prefix) and pools[i][-1]["correct"] and answer_in(prefix, answer)
+        stats.update(samples=len(completions), tokens=sum(len(c.token_ids) for c in completions))
+
+    # 3. n samples per question with the plain prompt
+    n, prompts = args.n_samples, [plain(e) for e in examples]
+    repeat = lambda items: [item for item in items for _ in range(n)]
+    add(repeat(range(len(examples))), repeat(prompts), sample_fn(prompts, n), [""] * n * len(examples), False)
+    # 4-5. re-sample the hard questions, one sample each per round; the hard set is recomputed every round
+    rounds = {"none": 0, "brute_force": args.brute_force_rounds}.get(args.strategy, args.guided_rounds)
+    for round_index in range(rounds):
+        hard = hard_questions(pools, args.min_correct)
+        if not hard:
+            break
+        prompts, prefixes = guided_prompts(args, [examples[i] for i in hard], [pools[i] for i in hard], round_index,
+                                           plain, reference, teacher_fn, tokenizer, stats)
+        add(hard, prompts, sample_fn(prompts, 1), prefixes, True)
+        stats.update(rounds=1, resampled=len(hard))
+    return pools, stats
+
+
+def training_pairs(examples, pools, plain):
+    """Step 6: every correct sample, plain and guided, no dedup and no cap, each paired with the PLAIN prompt:
+    the hint never reaches the training data. The official train.py strips the response."""
+    return [(plain(e), s["text"].strip()) for e, pool in zip(examples, pools) for s in pool if s["correct"]]
+
+
+# ---------------------------------------------------------------- PLUMBING: measurement and the loop
+def fixed_budget(pairs, n_sequences, seed):
+    """n_sequences pairs from shuffled passes over `pairs`: every pair is used equally often, up to one."""
+    rng, drawn = random.Random(seed), []
+    while pairs and len(drawn) < n_sequences:
+        drawn += rng.sample(pairs, len(pairs))
+    return drawn[:n_sequences]
+
+
+def histogram(initial, final, n):
+    """Correct samples per question as text bars: the n plain samples, and the pool after re-sampling."""
+    before, after = Counter(initial), Counter(final)
+    scale = 40 / max(max(before.values()), 1)
+    rows = [f"  {'correct':>7}  {'questions (plain samples)':<47} after re-sampling"]
+    rows += [f"  {k:>5}/{n}  {before[k]:5d} {'#' * round(before[k] * scale):<41} {after[k]:5d}" for k in range(n + 1)]
+    return "\n".join(rows)
+
+
+def plain_counts(pools):
+    """Correct samples per question among the n plain samples of step 3."""
+    return [n_correct([s for s in pool if not s["resampled"]]) for pool in pools]
+
+
+def iteration_metrics(args, pools, hard_at_start, hard_at_iter0, pairs):
+    """Coverage (the code's "Pass@1 query": a question with >= 1 correct sample), of all and of the hard questions,
+    the histograms of correct counts, and where the next training set comes from."""
+    n, initial, final = args.n_samples, plain_counts(pools), [n_correct(pool) for pool in pools]
+    mean = lambda flags: sum(flags) / max(len(flags), 1)
+    return dict(
+        sample_accuracy=sum(initial) / (n * len(pools)), coverage=mean([c > 0 for c in initial]),
+        coverage_after=mean([c > 0 for c in final]), hard=len(hard_at_start),
+        hard_coverage_before=mean([initial[i] > 0 for i in hard_at_start]),
+        hard_coverage=mean([final[i] > 0 for i in hard_at_start]),
+        hard_resolved=mean([final[i] >= args.min_correct for i in hard_at_start]),
+        resampled_correct=sum(s["correct"] for pool in pools for s in pool if s["resampled"]),
+        data=len(pairs), data_from_hard=sum(final[i] for i in hard_at_start),
+        data_from_iter0_hard=sum(final[i] for i in hard_at_iter0),
+        hist=[Counter(initial)[k] for k in range(n + 1)], hist_after=[Counter(final)[k] for k in range(n + 1)],
+    ), histogram(initial, final, n)
+
+
+def write_pools(path, examples, pools):
+    with open(path, "w") as f:
+        for example, pool in zip(examples, pools):
+            f.write(json.dumps(dict(question=example.question, answer=example.answer, samples=pool)) + "\n")
+
+
+def check_args(args):
+    """Bad flags stop before any work."""
+    if args.strategy not in STRATEGIES:
+        fail(f"unknown --strategy {args.strategy!r}: use one of {', '.join(STRATEGIES)}")
+    if args.template not in sft.TEMPLATES:
+        fail(f"unknown --template {args.template!r}: use one of {', '.join(sft.TEMPLATES)}")
+    if args.strategy == "interactive" and not args.teacher:
+        fail("--strategy interactive needs --teacher: a model path, alias or hub id, or `self` for the policy")
+    if args.reset_by not in ("lines", "tokens"):
+        fail(f"unknown --reset_by {args.reset_by!r}: use lines or tokens")
+    if not 1 <= args.min_correct <= args.n_samples:
+        fail(f"--min_correct {args.min_correct} must lie in 1..--n_samples ({args.n_samples})")
+    if args.iterations < 1:
+        fail("--iterations must be at least 1 (iteration 0 is the SFT model)")
+
+
+def main(argv=None):
+    args = parse_args(Args, PRESETS, argv)
+    check_args(args)
+    # PLUMBING: data and the teacher first, so a bad name stops before any work
+    questions, test_set = load_task(args.task, "train"), load_task(args.task, "test")
+    questions = questions[:args.n_questions] if args.n_questions else questions
+    sft_set = [] if args.sft_model else load_task(args.sft_task or args.task, "train")
+    if args.strategy == "interactive" and args.teacher != "self":
+        teacher, teacher_tokenizer = load_model(args.teacher, seed=args.seed)
+    logger = Logger(args.out_dir)
+    plain = lambda e: sft.prompt_for(args.template, e.question)
+    reference = lambda e: sft.target_for(args.template, e)  # the gold rationale, ending in "The answer is x"
+    recipe = sft.Args(template=args.template, epochs=1 if args.train_sequences else args.epochs, lr=args.lr,
+                      warmup_ratio=args.warmup_ratio, batch_size=args.batch_size, micro_batch_size=args.micro_batch_size,
+                      max_length=args.max_length, out_dir=args.out_dir, seed=args.seed)
+    pairs, totals, hard_at_iter0 = [(plain(e), reference(e)) for e in sft_set], Counter(), []
+    print(f"GSI ({args.strategy}): {len(questions)} training questions of {args.task}, {len(test_set)} test questions")
+
+    for t in range(args.iterations):
+        started = time.time()
+        # 1. ALGO: M_t = SFT(base model, D_t); every iteration restarts from the base model. D_0: gold rationales
+        if t == 0 and args.sft_model:
+            model, tokenizer = load_model(args.sft_model, seed=args.seed)
+        else:
+            model, tokenizer = load_model(args.model, lora_rank=args.lora_rank, seed=args.seed)
+            budget = fixed_budget(pairs, args.train_sequences, args.seed + t) if args.train_sequences else pairs
+            sft.train(model, tokenizer, budget, recipe, logger=logger)
+            save(model, tokenizer, os.path.join(args.out_dir, f"iter-{t}"), args)
+        # 2. PLUMBING: greedy test accuracy with the plain prompt
+        accuracy = evaluate(model, tokenizer, test_set, plain, max_new_tokens=args.max_new_tokens,
+                            batch_size=args.sample_batch_size)["accuracy"]
+
+        # 3-5. ALGO: sample, find the tail questions, re-sample them with the strategy (collect_samples)
+        def sample_fn(prompts, n):
+            return generate(model, tokenizer, prompts, max_new_tokens=args.max_new_tokens, n=n,
+                            temperature=args.temperature, batch_size=args.sample_batch_size)
+
+        def teacher_fn(users):
+            model_t, tokenizer_t = (model, tokenizer) if args.teacher == "self" else (teacher, teacher_tokenizer)
+            return generate(model_t, tokenizer_t, [chat_prompt(tokenizer_t, TEACHER_SYSTEM, u) for u in users],
+                            max_new_tokens=args.max_new_tokens, temperature=args.teacher_temperature,
+                            top_p=args.teacher_top_p, batch_size=args.sample_batch_size)
+        torch.manual_seed(args.seed + t)
+        pools, stats = collect_samples(questions, args, sample_fn, plain, reference, teacher_fn, tokenizer)
+        hard_at_start = [i for i, count in enumerate(plain_counts(pools)) if count < args.min_correct]
+        hard_at_iter0 = hard_at_iter0 if t else hard_at_start
+        # 6. ALGO: D_{t+1} = every correct sample, with the plain prompt
+        pairs = training_pairs(questions, pools, plain)
+
+        # PLUMBING: measure, log, keep the samples
+        write_pools(os.path.join(args.out_dir, f"samples-{t}.jsonl"), questions, pools)
+        metrics, bars = iteration_metrics(args, pools, hard_at_start, hard_at_iter0, pairs)
+        totals.update(samples=stats["samples"], tokens=stats["tokens"], teacher_samples=stats["teacher_samples"])
+        print(f"iteration {t}: correct samples per question (tail narrowing: mass moves to 0 and {args.n_samples})\n{bars}")
+        logger.log(f"iter {t}", test_accuracy=accuracy, **metrics, rounds=stats["rounds"], samples=stats["samples"],
+                   tokens=stats["tokens"], resampled=stats["resampled"], teacher_samples=stats["teacher_samples"],
+                   teacher_tokens=stats["teacher_tokens"], reset_copied=stats["reset_copied"],
+                   total_samples=totals["samples"], total_tokens=totals["tokens"],
+                   total_teacher_samples=totals["teacher_samples"], seconds=round(time.time() - started, 1))
+
+
+if __name__ == "__main__":
+    main()
