@@ -34,8 +34,8 @@ from dataclasses import dataclass
 import torch
 
 import sft
-from common import (Logger, adapters_disabled, batch_sequences, extract_answer, fail, generate, is_equiv, load_model,
-                    load_task, parse_args, run_sandboxed, save, token_logprobs)
+from common import (Logger, adapters_disabled, batch_sequences, extract_answer, fail, generate, gradient_checkpointing,
+                    is_equiv, load_model, load_task, parse_args, run_sandboxed, save, token_logprobs)
 from self_explore import edit_distance
 
 MATH_PROMPT = ("You are a math expert. When you respond, respond only with the Solution of the final Problem, thinking "
@@ -428,11 +428,8 @@ def main(argv=None):
         save(model, tokenizer, os.path.join(args.out_dir, "base"), args)
         report("base")
     reference = reference_of(model, args, copy_weights=args.format_warmup_epochs > 0)
-    for module in model.modules():  # dropout off during RL (train mode only so that checkpointing works on GPU)
-        if isinstance(module, torch.nn.Dropout) or hasattr(module, "attention_dropout"):
-            module.p = module.attention_dropout = 0.0
-    if model.train().device.type == "cuda":  # recompute activations in backward (non-reentrant)
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.eval()  # dropout off during RL; on GPU, activations are recomputed in backward (also in eval mode)
+    gradient_checkpointing(model, model.device.type == "cuda")
     stages = [(0, "single_turn", args.stage1_steps + args.stage2_steps)] if args.single_turn else \
         [(1, "stage1", args.stage1_steps), (2, "stage2", args.stage2_steps)]
     for stage, name, steps in [s for s in stages if s[2] > 0]:
