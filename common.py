@@ -298,7 +298,7 @@ def generate(model, tokenizer, prompts, *, max_new_tokens, temperature=0.0, top_
     batch_size = batch_size or max(len(rows), 1)
     was_training, completions = model.training, []
     model.eval()
-    for start in tqdm(range(0, len(rows), batch_size), desc="generate", leave=False, disable=len(rows) <= batch_size):
+    for start in tqdm(range(0, len(rows), batch_size), desc="generate", leave=False, disable=len(rows) <= batch_size or None):
         batch = [rows[i] for i in order[start:start + batch_size]]
         completions += _generate_batch(model, tokenizer, batch, max_new_tokens, temperature, top_p, stop)
     model.train(was_training)

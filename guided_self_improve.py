@@ -31,7 +31,6 @@ common.extract_answer/is_equiv grade (the code: a MAmmoTH-style normaliser); the
 or the policy itself (--teacher self), not a 70B model behind an API; the toy preset's changes are listed
 in the comment above it (--train_sequences: equal training compute per iteration).
 """
-import json
 import os
 import random
 import re
@@ -42,7 +41,8 @@ from dataclasses import dataclass
 import torch
 
 import sft
-from common import Logger, evaluate, extract_answer, fail, generate, is_equiv, load_model, load_task, parse_args, save
+from common import (RANK, WORLD, Logger, evaluate, extract_answer, fail, gather, generate, is_equiv, load_model,
+                    load_task, parse_args, save, shard)
 
 STRATEGIES = ("none", "brute_force", "answer_driven", "rationale_driven", "state_reset", "interactive")
 
@@ -295,12 +295,6 @@ def iteration_metrics(args, pools, hard_at_start, hard_at_iter0, pairs):
     ), histogram(initial, final, n)
 
 
-def write_pools(path, examples, pools):
-    with open(path, "w") as f:
-        for example, pool in zip(examples, pools):
-            f.write(json.dumps(dict(question=example.question, answer=example.answer, samples=pool)) + "\n")
-
-
 def check_args(args):
     """Bad flags stop before any work."""
     if args.strategy not in STRATEGIES:
@@ -350,16 +344,17 @@ def main(argv=None):
                             batch_size=args.sample_batch_size)["accuracy"]
 
         # 3-5. ALGO: sample, find the tail questions, re-sample them with the strategy (collect_samples)
-        def sample_fn(prompts, n):
-            return generate(model, tokenizer, prompts, max_new_tokens=args.max_new_tokens, n=n,
-                            temperature=args.temperature, batch_size=args.sample_batch_size)
+        def sample_fn(prompts, n):  # each rank samples its share; every rank gets all the samples, so decides alike
+            return gather(generate(model, tokenizer, shard(prompts), max_new_tokens=args.max_new_tokens, n=n,
+                                   temperature=args.temperature, batch_size=args.sample_batch_size), len(prompts), n)
 
         def teacher_fn(users):
             model_t, tokenizer_t = (model, tokenizer) if args.teacher == "self" else (teacher, teacher_tokenizer)
-            return generate(model_t, tokenizer_t, [chat_prompt(tokenizer_t, TEACHER_SYSTEM, u) for u in users],
-                            max_new_tokens=args.max_new_tokens, temperature=args.teacher_temperature,
-                            top_p=args.teacher_top_p, batch_size=args.sample_batch_size)
-        torch.manual_seed(args.seed + t)
+            prompts = [chat_prompt(tokenizer_t, TEACHER_SYSTEM, u) for u in shard(users)]
+            return gather(generate(model_t, tokenizer_t, prompts, max_new_tokens=args.max_new_tokens,
+                                   temperature=args.teacher_temperature, top_p=args.teacher_top_p,
+                                   batch_size=args.sample_batch_size), len(users))
+        torch.manual_seed((args.seed + t) * WORLD + RANK)  # a sampling stream per iteration and rank
         pools, stats = collect_samples(questions, args, sample_fn, plain, reference, teacher_fn, tokenizer)
         hard_at_start = [i for i, count in enumerate(plain_counts(pools)) if count < args.min_correct]
         hard_at_iter0 = hard_at_iter0 if t else hard_at_start
@@ -367,7 +362,8 @@ def main(argv=None):
         pairs = training_pairs(questions, pools, plain)
 
         # PLUMBING: measure, log, keep the samples
-        write_pools(os.path.join(args.out_dir, f"samples-{t}.jsonl"), questions, pools)
+        logger.samples([dict(question=e.question, answer=e.answer, samples=pool) for e, pool in zip(questions, pools)],
+                       f"samples-{t}.jsonl")
         metrics, bars = iteration_metrics(args, pools, hard_at_start, hard_at_iter0, pairs)
         totals.update(samples=stats["samples"], tokens=stats["tokens"], teacher_samples=stats["teacher_samples"])
         print(f"iteration {t}: correct samples per question (tail narrowing: mass moves to 0 and {args.n_samples})\n{bars}")

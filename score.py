@@ -21,7 +21,6 @@ reports its last step (the paper: the highest training reward); fixed beta2; one
 MATH trains on its train split (the paper adds 4500 test problems, tests on MATH500); no MBPP-R; programs run in a
 sandboxed subprocess. Toy only: the format warm-up and --restate (see format_warmup).
 """
-import copy
 import json
 import os
 import random
@@ -34,8 +33,9 @@ from dataclasses import dataclass
 import torch
 
 import sft
-from common import (Logger, adapters_disabled, batch_sequences, extract_answer, fail, generate, gradient_checkpointing,
-                    is_equiv, load_model, load_task, parse_args, run_sandboxed, save, token_logprobs)
+from common import (RANK, Logger, adapters_disabled, all_reduce, batch_sequences, extract_answer, fail, gather, generate,
+                    gradient_checkpointing, is_equiv, load_model, load_task, parse_args, run_sandboxed, save, shard,
+                    token_logprobs, wrap_model)
 from self_explore import edit_distance
 
 MATH_PROMPT = ("You are a math expert. When you respond, respond only with the Solution of the final Problem, thinking "
@@ -233,9 +233,9 @@ def reward(problem, text, args):
     return float(run_sandboxed(program_of(problem, text) + "\n\n" + problem.tests, timeout=args.program_timeout)[0])
 
 
-def rewards(problems, texts, args):
+def rewards(problems, texts, args, device=None):
     with ThreadPoolExecutor(os.cpu_count() or 1) as pool:  # programs run side by side, each in its own process
-        return torch.tensor(list(pool.map(lambda pair: reward(*pair, args), zip(problems, texts))))
+        return torch.tensor(list(pool.map(lambda pair: reward(*pair, args), zip(problems, texts))), device=device)
 
 
 # ---------------------------------------------------------------- ALGO: shaped rewards, baseline, the SCoRe loss
@@ -297,12 +297,12 @@ def rollout(model, tokenizer, problems, args, two_turns=True):
     y1 = sample(x1)
     x2 = [second_prompt(tokenizer, p, y.text, args) for p, y in zip(group, y1)] if two_turns else []
     y2 = sample(x2) if two_turns else []
-    roll = dict(r1=rewards(group, [y.text for y in y1], args), r2=rewards(group, [y.text for y in y2], args),
-                pad_id=tokenizer.pad_token_id, samples=[dict(question=p.user, attempt1=a.text, attempt2=b and b.text)
+    roll = dict(pad_id=tokenizer.pad_token_id, samples=[dict(question=p.user, attempt1=a.text, attempt2=b and b.text)
                                                         for p, a, b in zip(group[:2], y1, y2 or [None] * 2)])
     for i, (x, y) in enumerate(((x1, y1), (x2, y2)), 1):
         roll[f"prompts{i}"] = [tokenizer(text)["input_ids"] for text in x]
         roll[f"responses{i}"] = [c.token_ids for c in y]
+        roll[f"r{i}"] = rewards(group, [c.text for c in y], args, model.device)
     return roll
 
 
@@ -314,48 +314,46 @@ def attempt_logprobs(model, reference, prompts, responses, pad_id, args):
     return token_logprobs(model, input_ids, attention_mask, temperature=args.temperature), ref_logprobs, mask
 
 
-def update(model, reference, optimizer, roll, stage, args):
-    """One REINFORCE step on a rollout: micro-batches of whole groups, loss = the mean over trajectories."""
+def update(policy, reference, optimizer, roll, stage, args):
+    """One REINFORCE step on this rank's rollout: micro-batches of whole groups, loss = the mean over trajectories."""
     n, k = len(roll["r1"]), args.samples_per_prompt
     size, totals = max(1, args.micro_batch_size // k) * k, Counter()
     for start in range(0, n, size):
         rows = slice(start, start + size)
-        parts = [attempt_logprobs(model, reference, roll[f"prompts{i}"][rows], roll[f"responses{i}"][rows], roll["pad_id"],
+        parts = [attempt_logprobs(policy, reference, roll[f"prompts{i}"][rows], roll[f"responses{i}"][rows], roll["pad_id"],
                                   args) if roll[f"prompts{i}"] else None for i in (1, 2)]
-        losses, stats = score_loss(*parts, *(roll[f"r{i}"][rows].to(model.device) for i in (1, 2)), stage, args)
-        loss = losses.sum() / n
+        losses, stats = score_loss(*parts, *(roll[f"r{i}"][rows] for i in (1, 2)), stage, args)
+        loss = losses.sum() / n  # ranks have n each (shard) and average gradients: the mean over all trajectories
         if not torch.isfinite(loss):
             fail(f"non-finite loss in stage {stage}: lower --lr (the checkpoints already saved are kept)")
         loss.backward()
         totals.update(stats | {"loss": loss.item() * n})
-    torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], args.grad_clip)
+    grad_norm = torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], args.grad_clip)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return {key: value / n for key, value in totals.items()}
+    return {key: value / n for key, value in totals.items()} | {"grad_norm": grad_norm.item()}
 
 
 def evaluate_two_turns(model, tokenizer, problems, args):
-    """Greedy attempts 1 and 2 (paper): the metrics of 5.4, how often attempt 2 differs, and the edit ratio (Fig. 4)."""
-    greedy = lambda prompts: attempts(model, tokenizer, prompts, problems[0], args, temperature=0.0)
-    first = greedy([render(tokenizer, [p.user], args) for p in problems])
-    second = greedy([second_prompt(tokenizer, p, y.text, args) for p, y in zip(problems, first)])
-    correct1 = rewards(problems, [y.text for y in first], args).bool().tolist()
-    correct2 = rewards(problems, [y.text for y in second], args).bool().tolist()
-    edits = [edit_distance(a.text, b.text) / max(1, len(a.text) + len(b.text)) for a, b in zip(first, second)]
-    metrics = delta_metrics(correct1, correct2) | {"edit_ratio": sum(edits) / len(edits),
-                                                   "changed": sum(e > 0 for e in edits) / len(edits)}
-    return metrics, [dict(question=p.user, attempt1=a.text, correct1=c1, attempt2=b.text, correct2=c2)
-                     for p, a, b, c1, c2 in zip(problems, first, second, correct1, correct2)]
+    """Greedy attempts 1 and 2 (paper), each rank its share: the metrics of 5.4, changes, the edit ratio (Fig. 4)."""
+    mine, greedy = shard(problems), lambda prompts: attempts(model, tokenizer, prompts, problems[0], args, temperature=0.0)
+    first = greedy([render(tokenizer, [p.user], args) for p in mine])
+    second = greedy([second_prompt(tokenizer, p, y.text, args) for p, y in zip(mine, first)])
+    correct1, correct2 = (rewards(mine, [y.text for y in ys], args).bool().tolist() for ys in (first, second))
+    records = gather([dict(question=p.user, attempt1=a.text, correct1=c1, attempt2=b.text, correct2=c2)
+                      for p, a, b, c1, c2 in zip(mine, first, second, correct1, correct2)], len(problems))
+    edits = [edit_distance(r["attempt1"], r["attempt2"]) / max(1, len(r["attempt1"] + r["attempt2"])) for r in records]
+    metrics = delta_metrics([r["correct1"] for r in records], [r["correct2"] for r in records])
+    return metrics | {"edit_ratio": sum(edits) / len(edits), "changed": sum(e > 0 for e in edits) / len(edits)}, records
 
 
 def format_warmup(model, tokenizer, problems, args, logger):
     """Toy only, a deviation. The paper's base model already answers a second turn; toy SFT never saw one and writes no
-    answer after the instruction (Acc@t2 = 0), so REINFORCE would see no reward. This teaches the format, not correction:
-    SFT on [x1, y1, p1] -> y2, y1 and y2 two independent samples at T = 1 (no reward looked at: y2's being right does not
-    depend on y1), mixed 1:1 with the gold single-turn targets so that attempt 1 stays."""
+    answer after the instruction (Acc@t2 = 0): REINFORCE would see no reward. This teaches the format, not correction:
+    SFT on [x1, y1, p1] -> y2, y1 and y2 independent samples at T = 1 (no reward looked at), 1:1 with gold targets."""
     problems = problems[:args.format_warmup_questions]
-    samples = attempts(model, tokenizer, [render(tokenizer, [p.user], args) for p in problems], problems[0], args,
-                       args.temperature, n=2)
+    samples = gather(attempts(model, tokenizer, [render(tokenizer, [p.user], args) for p in shard(problems)], problems[0],
+                              args, args.temperature, n=2), len(problems), 2)  # each rank samples its share
     pairs = [(second_prompt(tokenizer, p, a.text, args), b.text) for p, a, b in zip(problems, samples[::2], samples[1::2])]
     pairs += [(render(tokenizer, [p.user], args), p.target) for p in problems]
     sft.train(model, tokenizer, pairs, sft.Args(epochs=args.format_warmup_epochs, lr=args.format_warmup_lr,
@@ -363,20 +361,21 @@ def format_warmup(model, tokenizer, problems, args, logger):
               logger=logger)  # sft.py's toy batch; linear warm-up and decay
 
 
-def reference_of(model, args, copy_weights):
-    """pi_ref(input_ids, attention_mask) -> log-probs at the sampling T: the model with LoRA off, or a frozen copy."""
-    if args.lora_rank > 0 and not copy_weights:
+def reference_of(model, args, path=None):
+    """pi_ref(ids, mask) -> log-probs at the sampling T: the model with LoRA off, or `path` reloaded (FSDP2 can't copy)."""
+    if path is None:
         def reference(input_ids, attention_mask):
             with adapters_disabled(model):
                 return token_logprobs(model, input_ids, attention_mask, temperature=args.temperature)
         return reference
-    frozen = copy.deepcopy(model).eval().requires_grad_(False)
+    with torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_available() else []):
+        frozen = load_model(path, seed=args.seed)[0].eval().requires_grad_(False)  # it reseeds; sampling streams go on
     return lambda input_ids, attention_mask: token_logprobs(frozen, input_ids, attention_mask, temperature=args.temperature)
 
 
-def train_stage(model, reference, tokenizer, problems, stage, steps, args, logger, name):
-    """steps optimiser steps of one stage: sample batch_size trajectories, score them, one REINFORCE update."""
-    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=args.lr)  # paper: Adam
+def train_stage(model, policy, reference, tokenizer, problems, stage, steps, args, logger, name):
+    """steps optimiser steps of one stage: sample batch_size trajectories (each rank its share), score, one update."""
+    optimizer = torch.optim.Adam([p for p in policy.parameters() if p.requires_grad], lr=args.lr)  # paper: Adam
     rng, order, per_step = random.Random(f"{args.seed}-{stage}"), [], args.batch_size // args.samples_per_prompt
     for step in range(1, steps + 1):
         if len(order) < per_step:  # epochs over the problems, each in a new seeded order
@@ -384,14 +383,15 @@ def train_stage(model, reference, tokenizer, problems, stage, steps, args, logge
         batch, order = [problems[i] for i in order[:per_step]], order[per_step:]
         start = time.time()
         # 1. sample attempt 1 and (multi-turn) attempt 2 at T = 1; 2. binary rewards
-        roll = rollout(model, tokenizer, batch, args, two_turns=stage != 0)
+        roll = rollout(model, tokenizer, shard(batch), args, two_turns=stage != 0)  # this rank's share
         r1, r2 = roll["r1"], roll["r2"]
         stats = {f"{key}{i}": value for i in (1, 2)[:1 + (stage != 0)] for key, value in (
             ("reward", roll[f"r{i}"].mean().item()), ("length", sum(map(len, roll[f"responses{i}"])) / len(r1)))}
         if stage != 0:  # the sampled transitions, as fractions of all trajectories
             stats |= {"i2c": ((r1 == 0) & (r2 == 1)).float().mean().item(), "c2i": ((r1 == 1) & (r2 == 0)).float().mean().item()}
         # 3. rewards with KL, baseline, REINFORCE loss (score_loss), one optimiser step
-        stats |= update(model, reference, optimizer, roll, stage, args)
+        stats |= update(policy, reference, optimizer, roll, stage, args)
+        stats = dict(zip(stats, all_reduce(torch.tensor(list(stats.values()), device=model.device), True).tolist()))
         logger.log(f"{name} {step}", **stats, seconds=time.time() - start)
         logger.samples([dict(step=f"{name} {step}", **row) for row in roll["samples"]])
 
@@ -406,13 +406,14 @@ def main(argv=None):
     if args.batch_size % args.samples_per_prompt or (args.baseline == "loo" and args.samples_per_prompt < 2):
         fail("--batch_size must be a multiple of --samples_per_prompt, which must be at least 2 with --baseline loo")
     random.seed(args.seed)
-    torch.manual_seed(args.seed)
     # PLUMBING: data, then the model, before any work
     train_set = load_problems(args.task, "train", args)[:args.n_train or None]
     test_set = load_problems(args.eval_task or args.task, "test", args)[:args.n_eval or None]
     if not train_set or not test_set:
         fail(f"no problems in {args.task!r} (train) or {args.eval_task or args.task!r} (test)")
-    model, tokenizer = load_model(args.model, lora_rank=args.lora_rank, seed=args.seed)
+    model, tokenizer = load_model(args.model, lora_rank=args.lora_rank, seed=args.seed)  # seeds torch
+    if RANK > 0:  # each rank its own sampling stream (ReFT's code: seed + rank)
+        torch.manual_seed(args.seed + RANK)
     logger = Logger(args.out_dir)
 
     def report(name):
@@ -427,16 +428,18 @@ def main(argv=None):
         format_warmup(model, tokenizer, train_set, args, logger)
         save(model, tokenizer, os.path.join(args.out_dir, "base"), args)
         report("base")
-    reference = reference_of(model, args, copy_weights=args.format_warmup_epochs > 0)
+    start = os.path.join(args.out_dir, "base") if args.format_warmup_epochs > 0 else args.model
+    reference = reference_of(model, args, None if args.lora_rank > 0 and start == args.model else start)
     model.eval()  # dropout off during RL; on GPU, activations are recomputed in backward (also in eval mode)
     gradient_checkpointing(model, model.device.type == "cuda")
+    policy = wrap_model(model)  # DDP or FSDP2 under torchrun
     stages = [(0, "single_turn", args.stage1_steps + args.stage2_steps)] if args.single_turn else \
         [(1, "stage1", args.stage1_steps), (2, "stage2", args.stage2_steps)]
     for stage, name, steps in [s for s in stages if s[2] > 0]:
         if stage == 2 and args.stage2_reference == "stage1" and args.stage1_steps > 0:
-            reference = reference_of(model, args, copy_weights=True)
+            reference = reference_of(model, args, os.path.join(args.out_dir, "stage1"))
         # 3. ALGO: Stage I (Eq. 3), then Stage II (Eq. 4) from its result; or single-turn RL (Eq. 2)
-        train_stage(model, reference, tokenizer, train_set, stage, steps, args, logger, name)
+        train_stage(model, policy, reference, tokenizer, train_set, stage, steps, args, logger, name)
         save(model, tokenizer, os.path.join(args.out_dir, name), args)
         # 4. PLUMBING: greedy evaluation after each stage
         report(name)

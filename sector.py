@@ -20,24 +20,31 @@ curriculum, simplify-then-guess, the commutativity check, fine-tuning on the new
 replay, fast-mode greedy evaluation on 100 problems per length, and the stop on collapse.
 
 Our choices, where the paper's are unknown (PAPERS 6.2-6.3):
-- Formats: fast `123+456=` -> `579` and `123+456+1=` -> `580`; slow `123+456>` -> `+1;9`: the
-  step's carry (`+1`, or nothing) and the emitted digit after `;`. The problem the step leaves,
-  `12+45+1`, is written by string surgery on the prompt (`shorten`: drop both last digits, append the
-  carry), not by the model: copying digits is not the skill under study, and it keeps a slow step's
-  output four characters long at any length. `>` ("simplifies to") tells a slow prompt from a fast
-  one. Base case: a slow step on 1-digit operands leaves nothing; its carry is the sum's leading
-  digit. n-digit operands are uniform in [10^(n-1), 10^n); the carry-in c of a+b+c is 0 or 1.
+- Formats: numbers are written least-significant digit first, the way a slow step reads them, and
+  the carry-in is always written: fast `321+654+0=` -> `975` (123+456 = 579) and `321+654+1=` ->
+  `085` (580); slow `321+654+0>` -> `1;9`: the step's carry, then the emitted digit. The problem the
+  step leaves, `21+54+1` (12+45+1), is written by string surgery on the prompt (`shorten`: drop both
+  operands' first digits, write the new carry-in), not by the model: copying digits is not the skill
+  under study, and it keeps a slow step's output three characters long at any length. `>`
+  ("simplifies to") tells a slow prompt from a fast one. Base case: a slow step on 1-digit operands
+  leaves nothing; its carry is the sum's leading digit. n-digit operands are uniform in
+  [10^(n-1), 10^n); the carry-in c of a+b+c is 0 or 1. Why this order: written most-significant digit
+  first (`123+456=` -> `579`), `tiny`'s fast mode learnt 3-digit sums to only 61% in 50 curriculum
+  rounds and a self-taught length to 14% in 10 rounds. Reversed, digit i of the sum depends on digit
+  i of each operand, at the same distance back for every i, which is learnt several times faster;
+  writing `+0` keeps that distance the same with and without a carry-in.
 - Slow prompts of the supervised phase write both operands zero-padded to a random width up to
-  `slow_width` (`0057+0068+1>` -> `+1;6`); the values still have at most N0 digits. Without it
-  the precondition of 6.1 step 4 fails for `tiny`: trained on 1..3 digits, its slow step was right on
-  34% of 4-digit problems (it reads the last digits by their distance from the end, which is new at
-  a new length), S&G labels were 27% wrong, and the commutativity check cannot catch it (the misread
-  positions are the same in both orders). With `slow_width 8` the slow step is right on 95%.
+  `slow_width` (`7500+8600+1>` -> `1;6`); the values still have at most N0 digits. Without it the
+  precondition of 6.1 step 4 failed for `tiny` (most-significant digit first): trained on 1..3 digits,
+  its slow step was right on 34% of 4-digit problems (it finds the digits to add by their distance
+  from the end, which is new at a new length), S&G labels were 27% wrong, and the commutativity
+  check cannot catch it (the misread positions are the same in both orders). With `slow_width 8`
+  the slow step was right on 95%.
 - Curriculum: rounds of `sup_problems` fresh problems (half at the new length n, half at a length
   drawn from 1..n), one fast and one slow pair each; move on once fast and slow exact match on 100
   fresh n-digit problems both reach `threshold` (95%), or after `max_rounds`.
 - Simplify-then-guess: candidate k (k = 0..K-1) takes k greedy slow steps, then a greedy fast guess
-  of the remaining problem, and writes the guess before the emitted digits. The slow steps are
+  of the remaining problem, and writes the guess after the emitted digits (the answer's lowest). The slow steps are
   shared (greedy decoding makes candidate k's first steps those of candidate k+1). A chain that
   reaches the base case gives its complete answer as its last candidate. Malformed outputs are
   invalid votes; the label needs a strict majority (more than half of the candidates).
@@ -66,7 +73,7 @@ from collections import Counter
 from dataclasses import dataclass
 
 import sft
-from common import Logger, fail, generate, load_model, parse_args, save
+from common import Logger, fail, gather, generate, load_model, parse_args, save, shard
 
 FAST, SLOW = "=", ">"  # the prompt's last character picks the mode
 
@@ -129,8 +136,12 @@ def sample_problem(rng, n, carry=None):
     return rng.randrange(low, 10 * low), rng.randrange(low, 10 * low), c
 
 
-def problem_text(a, b, c):
-    return f"{a}+{b}" + ("+1" if c else "")
+def digits(x, width=0):  # our format: least-significant digit first (see docstring)
+    return f"{x:0{width}d}"[::-1]
+
+
+def problem_text(a, b, c, width=0):  # the carry-in always written, so that it moves no digit
+    return f"{digits(a, width)}+{digits(b, width)}+{c}"
 
 
 def true_sum(a, b, c):
@@ -139,45 +150,44 @@ def true_sum(a, b, c):
 
 
 def fast_target(a, b, c):  # 6.2, fast form: the sum directly
-    return str(true_sum(a, b, c))
+    return digits(true_sum(a, b, c))
 
 
 def slow_target(a, b, c):  # 6.1 step 2: one simplification step, d = (a0+b0+c) mod 10, carry c'
     column = a % 10 + b % 10 + c
-    return ("+1" if column >= 10 else "") + f";{column % 10}"
+    return f"{column // 10};{column % 10}"
 
 
 def shorten(text, carry):  # 6.1 step 2: the problem a slow step leaves, (a // 10) + (b // 10) + c'
-    """Drops the operands' last digits and appends the step's carry ("+1" or ""); None when nothing
+    """Drops the operands' last (written first) digits and writes the step's carry; None when nothing
     is left (1-digit operands). Pure string surgery on the problem text: no sum is ever computed."""
     a, b = text.split("+")[:2]
-    return f"{a[:-1]}+{b[:-1]}{carry}" if len(a) > 1 else None
+    return f"{a[1:]}+{b[1:]}+{carry}" if len(a) > 1 else None
 
 
 def supervised_pairs(problem, width=0):
     """The ground-truth fast and slow (prompt, target) pairs of one problem (6.1 step 3). The slow
     prompt writes both operands with leading zeros up to `width` digits (our augmentation, see Args)."""
     a, b, c = problem
-    slow_prompt = f"{a:0{width}d}+{b:0{width}d}" + ("+1" if c else "") + SLOW
-    return [(problem_text(*problem) + FAST, fast_target(*problem)), (slow_prompt, slow_target(*problem))]
+    return [(problem_text(*problem) + FAST, fast_target(*problem)), (problem_text(*problem, width) + SLOW, slow_target(*problem))]
 
 
 # ---------------------------------------------------------------- self-labelling (the firewall)
 # Everything from here to label_problems sees problems only as text and answers only from `solve`
 # (prompts -> completions of the model): no function that knows the sum is reachable.
-SLOW_OUTPUT = re.compile(r"(\+1)?;(\d)")
+SLOW_OUTPUT = re.compile(r"([01]);(\d)")
 
 
 def simplify_then_guess(solve, texts, k):
     """6.1 step 6: for each problem text, the K candidate answers and its first slow output.
 
-    Candidate j runs j slow steps, then fast-guesses the rest; the answer is the guess followed by
-    the digits the slow steps emitted (the last emitted digit is the sum's highest so far)."""
+    Candidate j runs j slow steps, then fast-guesses the rest; the answer is the digits the slow steps
+    emitted (the sum's lowest, written first) followed by the guess."""
     candidates, first_slow = [[] for _ in texts], [None] * len(texts)
     rests, tails, active = list(texts), [""] * len(texts), list(range(len(texts)))
     for step in range(k):
         for i, guess in zip(active, solve([rests[i] + FAST for i in active])):
-            candidates[i].append(guess + tails[i] if guess.isdigit() else None)
+            candidates[i].append(tails[i] + guess if guess.isdigit() else None)
         if step == k - 1:
             break
         still = []
@@ -187,12 +197,12 @@ def simplify_then_guess(solve, texts, k):
                 continue
             if step == 0:
                 first_slow[i] = out
-            carry, digit = match.group(1) or "", match.group(2)
-            tails[i], rests[i] = digit + tails[i], shorten(rests[i], carry)
+            carry, digit = match.groups()
+            tails[i], rests[i] = tails[i] + digit, shorten(rests[i], carry)
             if rests[i] is not None:
                 still.append(i)
             else:  # nothing is left: the carry is the leading digit and the chain has the complete answer
-                candidates[i].append(("1" if carry else "") + tails[i])
+                candidates[i].append(tails[i] + ("1" if carry == "1" else ""))
         active = still
     return candidates, first_slow
 
@@ -233,8 +243,9 @@ def label_problems(solve, problems, k):
 def model_solver(model, tokenizer, batch_size):
     """prompts -> greedy completions of the model: the only source of self-training answers."""
     def solve(prompts):
-        budget = max(map(len, prompts), default=0) + 4  # a slow output is at most the prompt + 4 characters
-        return [c.text for c in generate(model, tokenizer, prompts, max_new_tokens=budget, batch_size=batch_size)]
+        budget = max(map(len, prompts), default=0) + 4  # every answer is shorter than its prompt
+        mine = generate(model, tokenizer, shard(prompts), max_new_tokens=budget, batch_size=batch_size)  # torchrun: a share each
+        return gather([c.text for c in mine], len(prompts))
     return solve
 
 

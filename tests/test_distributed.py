@@ -1,10 +1,11 @@
 """torchrun on CPU: 2 processes (gloo) give the losses of 1 process on the same data, and only rank 0 writes.
 
-The same file is the driver: `python tests/test_distributed.py DIR` runs sft.py and one PPO iteration of
-reft_ppo.py with DDP, then both again with FSDP2, each rank in its own folder DIR/rank-R, so that a file any
-rank but 0 writes shows up there. PPO rollouts come from a scripted sampler that depends on the prompt only,
-so that both runs train on the same data (sampling itself draws from a different stream on each rank); the
-rollout batch is split between the ranks, so a whitening or a loss normalisation that is not global shows.
+The same file is the driver: `python tests/test_distributed.py DIR` runs sft.py, one PPO iteration of reft_ppo.py,
+two short GSI iterations and a short SCoRe run with DDP, then SFT, PPO and SCoRe again with FSDP2, each rank in its
+own folder DIR/rank-R, so that a file any rank but 0 writes shows up there. Samples come from a scripted sampler that
+depends on the prompt only, so that both runs train on the same data (sampling itself draws from a different stream
+on each rank); every batch is split between the ranks, so a whitening, a loss normalisation or a decision that is
+not global shows.
 """
 import functools
 import json
@@ -12,29 +13,39 @@ import os
 import socket
 import subprocess
 import sys
+import zlib
+from collections import Counter
 
 import pytest
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TASK = "arith:n_train=8,n_test=4"
+STAGES = ("sft", "reft", "gsi", "score", "sft-fsdp", "reft-fsdp", "score-fsdp")
+SAMPLED = Counter()  # prompts each script's sampler got on this rank
 
 
-def scripted_generate(answers, model, tokenizer, prompts, *, n=1, **kwargs):
-    """A stand-in for common.generate: the right answer for about half of the questions, off by one otherwise."""
+def scripted_generate(answers, script, model, tokenizer, prompts, *, n=1, **kwargs):
+    """A stand-in for common.generate: the answer to the question on the prompt's last line, right or off by one as a
+    hash of the prompt and of the sample's index among this call's samples of that prompt (a group never spans ranks)."""
     from common import Completion
-    completions = []
-    for prompt in prompts:
-        text = f"The answer is {int(answers[prompt.strip()]) + sum(map(ord, prompt)) % 2}"
+    completions, seen = [], Counter()
+    SAMPLED[script] += len(prompts)
+    for prompt in (prompt for prompt in prompts for _ in range(n)):
+        seen[prompt] += 1
+        wrong = zlib.crc32(f"{seen[prompt]} {prompt}".encode()) % 2
+        text = f"The answer is {int(answers[prompt.strip().splitlines()[-1]]) + wrong}"
         token_ids = tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-        completions += [Completion(text, token_ids, True)] * n
+        completions.append(Completion(text, token_ids, True))
     return completions
 
 
 def driver(folder):
     sys.path.insert(0, ROOT)
     import common
+    import guided_self_improve
     import reft_ppo
+    import score
     import sft
     os.makedirs(f"{folder}/rank-{os.environ.get('RANK', 0)}")
     os.chdir(f"{folder}/rank-{os.environ.get('RANK', 0)}")
@@ -42,14 +53,29 @@ def driver(folder):
     sft.main(["--preset", "toy", "--task", TASK, "--epochs", "2", "--batch_size", "4", "--micro_batch_size", "1",
               "--out_dir", "sft", "--eval_max_new_tokens", "4"])
     answers = {ex.question: ex.answer for split in ("train", "test") for ex in common.load_task(TASK, split)}
-    reft_ppo.generate = functools.partial(scripted_generate, answers)
+    for script in (reft_ppo, guided_self_improve, score):
+        script.generate = functools.partial(scripted_generate, answers, script.__name__)
     reft_ppo.main(["--preset", "toy", "--model", start, "--task", TASK, "--out_dir", "reft", "--epochs", "1",
                    "--rollout_batch_size", "8", "--micro_batch_size", "2", "--lr", "1e-3"])
+    guided_self_improve.main(["--preset", "toy", "--sft_model", "", "--task", TASK, "--out_dir", "gsi", "--iterations",
+                              "2", "--strategy", "brute_force", "--brute_force_rounds", "2", "--n_samples", "3",
+                              "--min_correct", "2", "--n_questions", "7", "--train_sequences", "8", "--batch_size", "4",
+                              "--micro_batch_size", "2", "--max_new_tokens", "4"])
+    score_run = ["--preset", "toy", "--model", start, "--task", TASK, "--batch_size", "16", "--micro_batch_size", "4",
+                 "--format_warmup_questions", "4", "--stage1_steps", "1", "--stage2_steps", "1", "--lr", "1e-3"]
+    shared = os.path.abspath("../rank-0/score")  # every rank reloads the references rank 0 saves: a shared out_dir
+    score.main(score_run + ["--out_dir", shared, "--format_warmup_epochs", "1"])
     sft.wrap_model = reft_ppo.wrap_model = functools.partial(common.wrap_model, fsdp=True)  # as past 1B parameters
+    score.wrap_model = sft.wrap_model
     sft.main(["--preset", "toy", "--task", TASK, "--epochs", "1", "--batch_size", "8", "--micro_batch_size", "2",
               "--out_dir", "sft-fsdp", "--eval_max_new_tokens", "4"])
     reft_ppo.main(["--preset", "toy", "--model", start, "--task", TASK, "--out_dir", "reft-fsdp", "--epochs", "1",
                    "--rollout_batch_size", "8", "--micro_batch_size", "2", "--lr", "1e-3"])
+    score.main(score_run + ["--out_dir", "score-fsdp", "--format_warmup_epochs", "0", "--stage1_steps", "0"])
+    sampled = common.gather([dict(SAMPLED)], common.WORLD)  # every rank's counts
+    if common.RANK == 0:
+        with open("sampled.json", "w") as f:
+            json.dump(sampled, f)
 
 
 def launch(folder, processes):
@@ -73,7 +99,7 @@ def runs(tmp_path_factory):
         output = process.communicate(timeout=300)[0]
         assert process.returncode == 0, output[-5000:]
         metrics[name] = {stage: [json.loads(line) for line in open(f"{folder}/{name}/rank-0/{stage}/metrics.jsonl")]
-                         for stage in ("sft", "reft", "sft-fsdp", "reft-fsdp")}
+                         for stage in STAGES}
     return metrics["one"], metrics["two"], folder
 
 
@@ -97,21 +123,53 @@ def test_two_processes_match_one_on_sft_and_ppo(runs):
             torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-5)
 
 
+def same(two, one, rel, skip=("seconds",)):
+    """Metrics of 2 processes against 1: the same steps, every number within rel."""
+    assert [m["step"] for m in two] == [m["step"] for m in one]
+    for a, b in zip(two, one):
+        for key in set(b) - set(skip):
+            assert a[key] == pytest.approx(b[key], rel=rel, abs=1e-6), (b["step"], key)
+
+
+def test_two_processes_match_one_on_gsi_and_score(runs):
+    one, two, folder = runs
+    same(two["gsi"], one["gsi"], rel=1e-5)  # SFT losses, test accuracy, samples, hard questions, D_t, histograms
+    assert [m["data"] for m in one["gsi"] if "data" in m] != [0, 0]  # something to train on in iteration 1
+    same(two["score"], one["score"], rel=1e-4)  # rewards, KL, losses and gradient norms of Stage I and II; Acc@t1/t2
+    step = next(m for m in one["score"] if m["step"] == "stage2 1")
+    assert step["grad_norm"] > 0 and 0 < step["reward2"] < 1 and step["kl1"] != 0  # the reference: the base model
+    a, b = weights(f"{folder}/one/rank-0/gsi/iter-1"), weights(f"{folder}/two/rank-0/gsi/iter-1")
+    for key in a:  # (SCoRe's weights: Adam turns float noise in near-zero REINFORCE gradients into steps of lr)
+        torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-5)
+
+
+def test_each_rank_samples_its_share(runs):
+    one, two, folder = runs
+    (alone,), ranks = (json.load(open(f"{folder}/{name}/rank-0/sampled.json")) for name in ("one", "two"))
+    for script, count in alone.items():  # about half each (shard's wrapping around adds a few)
+        assert all(0 < rank[script] <= 0.6 * count for rank in ranks), script
+
+
 def test_fsdp2_trains_with_the_losses_of_one_process(runs):
     one, two, folder = runs
-    # bf16 compute under FSDP2 against fp32 on one process
+    # bf16 compute under FSDP2 against fp32 on one process (for SCoRe: a KL of bf16 noise against the fp32 reference)
     assert two["sft-fsdp"][0]["loss"] == pytest.approx(one["sft-fsdp"][0]["loss"], rel=2e-2)
     for key in ("policy_loss", "value_loss"):
         assert rollout_1(two["reft-fsdp"])[key] == pytest.approx(rollout_1(one["reft-fsdp"])[key], rel=5e-2), key
     assert weights(f"{folder}/two/rank-0/sft-fsdp")["model.embed_tokens.weight"].dtype == torch.float32  # fp32 master
+    same(two["score-fsdp"], one["score-fsdp"], rel=5e-2, skip=("seconds", "loss", "kl1", "kl1_k3", "kl2", "kl2_k3"))
 
 
 def test_only_rank_0_writes(runs):
     one, two, folder = runs
     assert os.listdir(f"{folder}/two/rank-1") == []
-    assert sorted(os.listdir(f"{folder}/two/rank-0")) == ["reft", "reft-fsdp", "sft", "sft-fsdp"]
+    assert sorted(os.listdir(f"{folder}/two/rank-0")) == sorted(STAGES + ("sampled.json",))
     steps = [m["step"] for m in two["reft"]]
     assert steps == [m["step"] for m in one["reft"]] and len(steps) == len(set(steps))  # logged once
+    for stage, files in [("gsi", ["iter-0", "iter-1", "samples-0.jsonl", "samples-1.jsonl"]),
+                         ("score", ["base", "stage1", "stage2", "samples.jsonl"])]:
+        assert set(files) <= set(os.listdir(f"{folder}/two/rank-0/{stage}")), stage
+    assert len(open(f"{folder}/two/rank-0/gsi/samples-0.jsonl").readlines()) == 7  # one row per question, once
 
 
 if __name__ == "__main__":

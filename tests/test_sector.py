@@ -10,15 +10,16 @@ import sector
 from common import load_model
 
 
+def parse(prompt):
+    """(a, b, c) from a prompt: operands written last digit first, then the carry-in."""
+    a, b, c = prompt[:-1].split("+")
+    return int(a[::-1]), int(b[::-1]), int(c)
+
+
 def oracle():
     """A perfect solver built from the ground-truth targets (tests only)."""
     def solve(prompts):
-        out = []
-        for prompt in prompts:
-            a, b, *carry = (int(x) for x in prompt[:-1].split("+"))
-            target = sector.fast_target if prompt.endswith(sector.FAST) else sector.slow_target
-            out.append(target(a, b, len(carry)))
-        return out
+        return [(sector.fast_target if p.endswith(sector.FAST) else sector.slow_target)(*parse(p)) for p in prompts]
     return solve
 
 
@@ -31,31 +32,33 @@ def scripted(answers):
     return solve
 
 
-def test_fast_form_with_and_without_carry_in():
-    assert sector.supervised_pairs((57, 68, 0))[0] == ("57+68=", "125")
-    assert sector.supervised_pairs((57, 68, 1))[0] == ("57+68+1=", "126")
-    assert sector.fast_target(999, 999, 1) == "1999"
+def test_numbers_are_written_last_digit_first_and_the_carry_in_always():
+    assert sector.supervised_pairs((57, 68, 0))[0] == ("75+86+0=", "521")  # 57 + 68 = 125
+    assert sector.supervised_pairs((57, 68, 1))[0] == ("75+86+1=", "621")  # 57 + 68 + 1 = 126
+    assert sector.fast_target(999, 999, 1) == "9991"  # 1999
+    assert sector.problem_text(120, 305, 0) == "021+503+0"  # a zero digit is never dropped
+    assert parse(sector.problem_text(120, 305, 1) + sector.FAST) == (120, 305, 1)
 
 
 def test_slow_prompts_can_zero_pad_the_operands():
-    assert sector.supervised_pairs((57, 68, 1), width=4) == [("57+68+1=", "126"), ("0057+0068+1>", "+1;6")]
-    assert sector.supervised_pairs((57, 68, 0), width=1)[1] == ("57+68>", "+1;5")  # never cuts a digit
+    assert sector.supervised_pairs((57, 68, 1), width=4) == [("75+86+1=", "621"), ("7500+8600+1>", "1;6")]
+    assert sector.supervised_pairs((57, 68, 0), width=1)[1] == ("75+86+0>", "1;5")  # never cuts a digit
 
 
 def test_slow_form_emits_the_carry_and_the_last_digit():
-    assert sector.supervised_pairs((52, 41, 0))[1] == ("52+41>", ";3")  # no carry
-    assert sector.slow_target(57, 68, 0) == "+1;5"  # 7+8 = 15
-    assert sector.slow_target(59, 30, 1) == "+1;0"  # the carry-in makes the carry: 9+0+1 = 10
-    assert sector.slow_target(58, 30, 1) == ";9"  # 8+0+1 = 9: no carry
-    assert sector.slow_target(7, 5, 1) == "+1;3"  # 1-digit problems too
-    assert sector.slow_target(4, 3, 0) == ";7"
+    assert sector.supervised_pairs((52, 41, 0))[1] == ("25+14+0>", "0;3")  # no carry
+    assert sector.slow_target(57, 68, 0) == "1;5"  # 7+8 = 15
+    assert sector.slow_target(59, 30, 1) == "1;0"  # the carry-in makes the carry: 9+0+1 = 10
+    assert sector.slow_target(58, 30, 1) == "0;9"  # 8+0+1 = 9: no carry
+    assert sector.slow_target(7, 5, 1) == "1;3"  # 1-digit problems too
+    assert sector.slow_target(4, 3, 0) == "0;7"
 
 
 def test_a_slow_step_leaves_the_shorter_problem():
-    assert sector.shorten("123+456", "+1") == "12+45+1"
-    assert sector.shorten("123+456+1", "") == "12+45"  # the old carry-in is consumed by the step
-    assert sector.shorten("12+45", "") == "1+4"
-    assert sector.shorten("7+5+1", "+1") is None  # nothing is left of 1-digit operands
+    assert sector.shorten("321+654+0", "1") == "21+54+1"  # 123+456: 12+45+1 is left
+    assert sector.shorten("321+654+1", "0") == "21+54+0"  # the old carry-in is consumed by the step
+    assert sector.shorten("21+54+0", "0") == "1+4+0"
+    assert sector.shorten("7+5+1", "1") is None  # nothing is left of 1-digit operands
 
 
 def test_every_candidate_of_a_perfect_solver_is_the_sum():
@@ -70,11 +73,11 @@ def test_every_candidate_of_a_perfect_solver_is_the_sum():
 
 
 def test_candidate_k_takes_k_slow_steps_then_guesses():
-    solve = scripted({"12+39=": "99", "12+39>": "+1;1", "1+3+1=": "5", "1+3+1>": ";6"})
-    (candidates,), (first,) = sector.simplify_then_guess(solve, ["12+39"], 5)
-    assert candidates == ["99", "51", "61"]  # k=0 fast, k=1 slow+guess, k=2 the complete slow chain
-    assert first == "+1;1"
-    assert solve.asked == ["12+39=", "12+39>", "1+3+1=", "1+3+1>"]
+    solve = scripted({"21+93+0=": "99", "21+93+0>": "1;1", "1+3+1=": "5", "1+3+1>": "0;6"})  # 12+39
+    (candidates,), (first,) = sector.simplify_then_guess(solve, ["21+93+0"], 5)
+    assert candidates == ["99", "15", "16"]  # k=0 fast, k=1 slow+guess (51), k=2 the complete slow chain (61)
+    assert first == "1;1"
+    assert solve.asked == ["21+93+0=", "21+93+0>", "1+3+1=", "1+3+1>"]
 
 
 def test_vote_takes_the_strict_majority():
@@ -86,38 +89,38 @@ def test_vote_takes_the_strict_majority():
 
 
 def test_malformed_slow_step_ends_the_chain():
-    solve = scripted({"12+39=": "51", "12+39>": "+1:1"})
-    (candidates,), (first,) = sector.simplify_then_guess(solve, ["12+39"], 5)
-    assert candidates == ["51"] and first is None
-    assert sector.majority(candidates) == "51"
+    solve = scripted({"21+93+0=": "15", "21+93+0>": "1:1"})
+    (candidates,), (first,) = sector.simplify_then_guess(solve, ["21+93+0"], 5)
+    assert candidates == ["15"] and first is None
+    assert sector.majority(candidates) == "15"
 
 
-def chain_answers(a, b, fast, slow, guess):
-    """Scripted outputs of a 2-digit problem a+b: the fast answer, the first slow step, the guess of
-    the 1-digit rest, and the rest's slow step (which agrees with the guess)."""
-    rest = sector.shorten(f"{a}+{b}", slow.split(";")[0])
-    return {f"{a}+{b}=": fast, f"{a}+{b}>": slow, f"{rest}=": guess, f"{rest}>": f"{'+1' if len(guess) > 1 else ''};{guess[-1]}"}
+def chain_answers(text, fast, slow, guess):
+    """Scripted outputs of a 2-digit problem: the fast answer, the first slow step, the guess of the
+    1-digit rest, and the rest's slow step (which agrees with the guess)."""
+    rest = sector.shorten(text, slow.split(";")[0])
+    return {f"{text}=": fast, f"{text}>": slow, f"{rest}=": guess, f"{rest}>": f"{len(guess) - 1};{guess[0]}"}
 
 
 def test_commutativity_filter_drops_disagreeing_orders():
-    answers = chain_answers(12, 39, "51", "+1;1", "5") | chain_answers(39, 12, "61", "+1;1", "6")
+    answers = chain_answers("21+93+0", "15", "1;1", "5") | chain_answers("93+21+0", "16", "1;1", "6")
     pairs, labels, _ = sector.label_problems(scripted(answers), [(12, 39, 0)], 3)
     assert labels == [None] and pairs == []  # 51 one way, 61 the other
 
 
 def test_agreeing_orders_give_fast_pairs_in_both_orders_and_their_slow_steps():
-    answers = chain_answers(12, 39, "51", "+1;1", "5") | chain_answers(39, 12, "51", "+1;1", "5")
+    answers = chain_answers("21+93+0", "15", "1;1", "5") | chain_answers("93+21+0", "15", "1;1", "5")
     pairs, labels, _ = sector.label_problems(scripted(answers), [(12, 39, 0)], 3)
-    assert labels == ["51"]
-    assert pairs == [("12+39=", "51"), ("39+12=", "51"), ("12+39>", "+1;1"), ("39+12>", "+1;1")]
+    assert labels == ["15"]
+    assert pairs == [("21+93+0=", "15"), ("93+21+0=", "15"), ("21+93+0>", "1;1"), ("93+21+0>", "1;1")]
 
 
 def test_slow_pairs_need_the_answer_after_the_first_step_to_match_in_both_orders():
     # b+a votes 51 (fast, and the full slow chain) but its k=1 candidate says 41: its first step is suspect
-    answers = chain_answers(12, 39, "51", "+1;1", "5") | {
-        "39+12=": "51", "39+12>": "+1;1", "3+1+1=": "4", "3+1+1>": ";5"}
+    answers = chain_answers("21+93+0", "15", "1;1", "5") | {
+        "93+21+0=": "15", "93+21+0>": "1;1", "3+1+1=": "4", "3+1+1>": "0;5"}
     pairs, labels, _ = sector.label_problems(scripted(answers), [(12, 39, 0)], 3)
-    assert labels == ["51"] and pairs == [("12+39=", "51"), ("39+12=", "51")]
+    assert labels == ["15"] and pairs == [("21+93+0=", "15"), ("93+21+0=", "15")]
 
 
 class Untouchable(int):
@@ -133,9 +136,9 @@ def test_firewall_labels_come_from_the_solver_never_the_sum(monkeypatch):
     for name in ("true_sum", "fast_target", "slow_target", "supervised_pairs"):
         monkeypatch.setattr(sector, name, forbidden)
     # A consistent but wrong solver: 12+39 is 51, but the labels must say what the solver says.
-    answers = chain_answers(12, 39, "52", "+1;2", "5") | chain_answers(39, 12, "52", "+1;2", "5")
+    answers = chain_answers("21+93+0", "25", "1;2", "5") | chain_answers("93+21+0", "25", "1;2", "5")
     pairs, labels, _ = sector.label_problems(scripted(answers), [(Untouchable(12), Untouchable(39), 0)], 3)
-    assert labels == ["52"] and ("12+39=", "52") in pairs
+    assert labels == ["25"] and ("21+93+0=", "25") in pairs
     # The same path with a real (untrained) model as the solver also never reaches the sum.
     model, tokenizer = load_model("tiny", seed=0)
     problems = [(Untouchable(123), Untouchable(456), 1), (Untouchable(905), Untouchable(317), 0)]
