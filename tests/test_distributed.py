@@ -1,11 +1,11 @@
 """torchrun on CPU: 2 processes (gloo) give the losses of 1 process on the same data, and only rank 0 writes.
 
 The same file is the driver: `python tests/test_distributed.py DIR` runs sft.py, one PPO iteration of reft_ppo.py,
-two short GSI iterations and a short SCoRe run with DDP, then SFT, PPO and SCoRe again with FSDP2, each rank in its
-own folder DIR/rank-R, so that a file any rank but 0 writes shows up there. Samples come from a scripted sampler that
-depends on the prompt only, so that both runs train on the same data (sampling itself draws from a different stream
-on each rank); every batch is split between the ranks, so a whitening, a loss normalisation or a decision that is
-not global shows.
+two short GSI iterations, a short SCoRe run and a short SECToR run with DDP, then SFT, PPO and SCoRe again with
+FSDP2, each rank in its own folder DIR/rank-R, so that a file any rank but 0 writes shows up there. Samples come
+from a scripted sampler that depends on the prompt only, so that both runs train on the same data (sampling itself
+draws from a different stream on each rank); every batch is split between the ranks, so a whitening, a loss
+normalisation or a decision that is not global shows.
 """
 import functools
 import json
@@ -21,7 +21,7 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TASK = "arith:n_train=8,n_test=4"
-STAGES = ("sft", "reft", "gsi", "score", "sft-fsdp", "reft-fsdp", "score-fsdp")
+STAGES = ("sft", "reft", "gsi", "score", "sector", "sft-fsdp", "reft-fsdp", "score-fsdp")
 SAMPLED = Counter()  # prompts each script's sampler got on this rank
 
 
@@ -40,12 +40,22 @@ def scripted_generate(answers, script, model, tokenizer, prompts, *, n=1, **kwar
     return completions
 
 
+def sector_oracle(model, tokenizer, prompts, **kwargs):
+    """A stand-in for common.generate in sector.py: the true fast or slow answer of `a+b+c=` or `a+b+c>`."""
+    import sector
+    from common import Completion
+    SAMPLED["sector"] += len(prompts)
+    targets = [sector.fast_target if p.endswith(sector.FAST) else sector.slow_target for p in prompts]
+    return [Completion(target(*(int(x[::-1]) for x in p[:-1].split("+"))), [], True) for p, target in zip(prompts, targets)]
+
+
 def driver(folder):
     sys.path.insert(0, ROOT)
     import common
     import guided_self_improve
     import reft_ppo
     import score
+    import sector
     import sft
     os.makedirs(f"{folder}/rank-{os.environ.get('RANK', 0)}")
     os.chdir(f"{folder}/rank-{os.environ.get('RANK', 0)}")
@@ -65,6 +75,10 @@ def driver(folder):
                  "--format_warmup_questions", "4", "--stage1_steps", "1", "--stage2_steps", "1", "--lr", "1e-3"]
     shared = os.path.abspath("../rank-0/score")  # every rank reloads the references rank 0 saves: a shared out_dir
     score.main(score_run + ["--out_dir", shared, "--format_warmup_epochs", "1"])
+    sector.generate = sector_oracle
+    sector.main(["--preset", "toy", "--n0", "1", "--max_digits", "2", "--max_rounds", "1", "--sup_problems", "32",
+                 "--n_problems", "9", "--replay", "8", "--n_eval", "5", "--batch_size", "8", "--micro_batch_size", "2",
+                 "--agreement", "1.01", "--self_rounds", "1", "--out_dir", "sector"])  # a self-training fine-tune too
     sft.wrap_model = reft_ppo.wrap_model = functools.partial(common.wrap_model, fsdp=True)  # as past 1B parameters
     score.wrap_model = sft.wrap_model
     sft.main(["--preset", "toy", "--task", TASK, "--epochs", "1", "--batch_size", "8", "--micro_batch_size", "2",
@@ -131,16 +145,18 @@ def same(two, one, rel, skip=("seconds",)):
             assert a[key] == pytest.approx(b[key], rel=rel, abs=1e-6), (b["step"], key)
 
 
-def test_two_processes_match_one_on_gsi_and_score(runs):
+def test_two_processes_match_one_on_gsi_score_and_sector(runs):
     one, two, folder = runs
+    same(two["sector"], one["sector"], rel=1e-5)  # curriculum losses, S&G labels kept, per-length accuracy
     same(two["gsi"], one["gsi"], rel=1e-5)  # SFT losses, test accuracy, samples, hard questions, D_t, histograms
     assert [m["data"] for m in one["gsi"] if "data" in m] != [0, 0]  # something to train on in iteration 1
     same(two["score"], one["score"], rel=1e-4)  # rewards, KL, losses and gradient norms of Stage I and II; Acc@t1/t2
     step = next(m for m in one["score"] if m["step"] == "stage2 1")
     assert step["grad_norm"] > 0 and 0 < step["reward2"] < 1 and step["kl1"] != 0  # the reference: the base model
-    a, b = weights(f"{folder}/one/rank-0/gsi/iter-1"), weights(f"{folder}/two/rank-0/gsi/iter-1")
-    for key in a:  # (SCoRe's weights: Adam turns float noise in near-zero REINFORCE gradients into steps of lr)
-        torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-5)
+    for name, atol in (("gsi/iter-1", 1e-5), ("sector", 1e-4)):  # sector: fine-tunes at lr 1e-3, the last self-taught
+        a, b = weights(f"{folder}/one/rank-0/{name}"), weights(f"{folder}/two/rank-0/{name}")
+        for key in a:
+            torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=atol)
 
 
 def test_each_rank_samples_its_share(runs):
