@@ -78,9 +78,9 @@ def load_model(name_or_path, *, dtype=None, device=None, lora_rank=0, seed=0):
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     torch.manual_seed(seed)
     source = ALIASES.get(name_or_path, name_or_path)
-    if source == "tiny":  # a freshly initialised Llama of about 1M parameters: no download
-        tokenizer = byte_tokenizer()
-        model = AutoModelForCausalLM.from_config(AutoConfig.for_model("llama", **TINY)).to(dtype)
+    if source.partition(":")[0] == "tiny":  # a fresh ~1M-parameter Llama, no download; `tiny:key=value,...` resizes it
+        config = AutoConfig.for_model("llama", **with_knobs(source, TINY, "tiny:hidden_size=256,num_attention_heads=8"))
+        tokenizer, model = byte_tokenizer(), AutoModelForCausalLM.from_config(config).to(dtype)
     elif source.startswith((".", "/", "~", "runs/")) and not os.path.isdir(source):  # a path: fail now, not at the hub
         fail(f"no checkpoint folder {name_or_path!r} (`python sft.py --preset toy` writes runs/toy-sft)")
     elif os.path.isdir(source) or re.fullmatch(r"[\w.-]+/[\w.-]+", source):
@@ -217,14 +217,17 @@ def _record_to_example(record, where):
         fail(f"{where}: missing or bad field {error}; each record needs question, rationale and answer, "
              f"or GSM8K's question and answer ending in '#### x'")
 
+def with_knobs(name, defaults, example):
+    """defaults updated by the integer knobs of `name:key=value,...` (arith:steps=2, tiny:num_hidden_layers=8)."""
+    overrides = dict(knob.partition("=")[::2] for knob in name.partition(":")[2].split(",") if knob)
+    if not set(overrides) <= set(defaults) or not all(v.isdigit() for v in overrides.values()):
+        fail(f"bad knobs in {name!r}: write e.g. {example} with knobs from {sorted(defaults)}")
+    return defaults | {k: int(v) for k, v in overrides.items()}
+
 def load_task(name_or_path, split="train"):
     """list[Example] from `arith[:knob=value,...]`, a hub task, a .jsonl/.json file or a folder of {split}.jsonl."""
-    name, _, knobs = name_or_path.partition(":")
-    if name == "arith":
-        overrides = dict(knob.partition("=")[::2] for knob in knobs.split(",") if knob)
-        if not set(overrides) <= set(ARITH) or not all(v.isdigit() for v in overrides.values()):
-            fail(f"bad arith knobs {knobs!r}: write e.g. arith:steps=3,digits=1 with knobs from {sorted(ARITH)}")
-        examples = arith_task(split, **(ARITH | {k: int(v) for k, v in overrides.items()}))
+    if name_or_path.partition(":")[0] == "arith":
+        examples = arith_task(split, **with_knobs(name_or_path, ARITH, "arith:steps=3,digits=1"))
     elif name_or_path in HUB_TASKS:
         import datasets
         try:
@@ -248,10 +251,6 @@ def load_task(name_or_path, split="train"):
 # text (decoded, cut before a stop string), token_ids (generated only, EOS included), finished (not by the length cap)
 Completion = namedtuple("Completion", ["text", "token_ids", "finished"])
 
-def positions_from_mask(attention_mask):
-    """Per-row positions that skip left padding, as generate() and every training forward use."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-
 def _generate_batch(model, tokenizer, prompts, max_new_tokens, temperature, top_p, stop):
     enc = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left").to(model.device)
     step_ids, mask = enc["input_ids"], enc["attention_mask"]
@@ -261,7 +260,7 @@ def _generate_batch(model, tokenizer, prompts, max_new_tokens, temperature, top_
     eos = model.generation_config.eos_token_id  # None, one id or a list of ids
     eos = {tokenizer.eos_token_id, *(eos if isinstance(eos, list) else [eos])}
     generated, done, stopped = [[] for _ in prompts], [False] * len(prompts), [False] * len(prompts)
-    cache, positions = DynamicCache(config=model.config), positions_from_mask(mask)
+    cache, positions = DynamicCache(config=model.config), (mask.cumsum(-1) - 1).clamp(min=0)  # skip left padding
     for _ in range(int(min(max_new_tokens, context - mask.shape[1]))):
         logits = model(input_ids=step_ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
                        use_cache=True, logits_to_keep=1).logits[:, -1].float()
@@ -291,18 +290,20 @@ def _generate_batch(model, tokenizer, prompts, max_new_tokens, temperature, top_
     return [Completion(*row) for row in zip(texts, generated, done)]
 
 @torch.no_grad()
-def generate(model, tokenizer, prompts, *, max_new_tokens, temperature=0.0, top_p=1.0, n=1, stop=None, batch_size=None):
-    """Own decode loop with a KV cache; n completions per prompt, prompt-major. Greedy when temperature=0."""
-    rows = [prompt for prompt in prompts for _ in range(n)]
+def generate(model, tokenizer, prompts, *, max_new_tokens, temperature=0.0, top_p=1.0, n=1, stop=None, batch_size=None,
+             sharded=False):
+    """Own decode loop with a KV cache; n completions per prompt, prompt-major. Greedy when temperature=0.
+    sharded=True (torchrun): each rank decodes its share of the prompts, and every rank gets all the completions."""
+    rows = [prompt for prompt in (shard(prompts) if sharded else prompts) for _ in range(n)]
     order = sorted(range(len(rows)), key=lambda i: -len(rows[i]))  # batch similar lengths: less padding
-    batch_size = batch_size or max(len(rows), 1)
-    was_training, completions = model.training, []
+    was_training, completions, batch_size = model.training, [], batch_size or max(len(rows), 1)
     model.eval()
     for start in tqdm(range(0, len(rows), batch_size), desc="generate", leave=False, disable=len(rows) <= batch_size or None):
         batch = [rows[i] for i in order[start:start + batch_size]]
         completions += _generate_batch(model, tokenizer, batch, max_new_tokens, temperature, top_p, stop)
     model.train(was_training)
-    return [completion for _, completion in sorted(zip(order, completions), key=lambda pair: pair[0])]  # prompt order
+    completions = [completion for _, completion in sorted(zip(order, completions), key=lambda pair: pair[0])]
+    return gather(completions, len(prompts), n) if sharded else completions  # prompt order
 
 def _chunk_logprobs(head, hidden, targets, temperature):  # div_ in place: one chunk-sized buffer less
     return head(hidden).float().div_(temperature).log_softmax(-1).gather(-1, targets[:, None]).squeeze(-1)
@@ -310,7 +311,8 @@ def _chunk_logprobs(head, hidden, targets, temperature):  # div_ in place: one c
 def token_logprobs(model, input_ids, attention_mask, *, temperature=1.0, return_hidden=False, chunk_elements=2 ** 23):
     """log p(input_ids[:, t+1] | prefix) as [B, L-1], 0 at padding; return_hidden=True adds the last hidden state.
     The wrapper's (DDP, FSDP2) forward keeps one logit; the head runs in chunks, recomputed in backward: memory-lean."""
-    hidden = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions_from_mask(attention_mask),
+    positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # left or right padding: as in generate
+    hidden = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
                    use_cache=False, output_hidden_states=True, logits_to_keep=1).hidden_states[-1]
     head, pieces = getattr(model, "module", model).get_output_embeddings(), []  # Llama, Mistral, GPT-2, OPT
     step = max(1, chunk_elements // head.out_features)
@@ -385,18 +387,16 @@ def majority_answer(answers):
 def evaluate(model, tokenizer, examples, prompt_fn, *, max_new_tokens=512, n=1, temperature=0.7, batch_size=64,
              stop=None):
     """Greedy accuracy; with n > 1 also maj@n over n samples at `temperature`. Returns metrics + records."""
-    prompts = shard([prompt_fn(example) for example in examples])  # each rank its share (torchrun)
-    greedy = gather(generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                             stop=stop), len(examples))
+    prompts = [prompt_fn(example) for example in examples]
+    settings = dict(max_new_tokens=max_new_tokens, batch_size=batch_size, stop=stop, sharded=True)  # torchrun: shares
+    greedy = generate(model, tokenizer, prompts, **settings)
     preds = [extract_answer(completion.text) for completion in greedy]
     records = [dict(question=e.question, gold=e.answer, completion=c.text, pred=p, correct=is_equiv(p, e.answer))
                for e, c, p in zip(examples, greedy, preds)]
     metrics = {"accuracy": sum(r["correct"] for r in records) / len(records)}
     if n > 1:
-        samples = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
-                           n=n, batch_size=batch_size, stop=stop)
-        votes = gather([majority_answer([extract_answer(s.text) for s in samples[i * n:(i + 1) * n]])
-                        for i in range(len(prompts))], len(examples))
+        samples = generate(model, tokenizer, prompts, temperature=temperature, n=n, **settings)
+        votes = [majority_answer([extract_answer(s.text) for s in samples[i:i + n]]) for i in range(0, len(samples), n)]
         metrics[f"maj@{n}"] = sum(is_equiv(v, e.answer) for v, e in zip(votes, examples)) / len(examples)
     return metrics | {"records": records}
 

@@ -41,8 +41,8 @@ from dataclasses import dataclass
 import torch
 
 import sft
-from common import (RANK, WORLD, Logger, evaluate, extract_answer, fail, gather, generate, is_equiv, load_model,
-                    load_task, parse_args, save, shard)
+from common import (RANK, WORLD, Logger, evaluate, extract_answer, fail, generate, is_equiv, load_model, load_task,
+                    parse_args, save)
 
 STRATEGIES = ("none", "brute_force", "answer_driven", "rationale_driven", "state_reset", "interactive")
 
@@ -345,15 +345,14 @@ def main(argv=None):
 
         # 3-5. ALGO: sample, find the tail questions, re-sample them with the strategy (collect_samples)
         def sample_fn(prompts, n):  # each rank samples its share; every rank gets all the samples, so decides alike
-            return gather(generate(model, tokenizer, shard(prompts), max_new_tokens=args.max_new_tokens, n=n,
-                                   temperature=args.temperature, batch_size=args.sample_batch_size), len(prompts), n)
+            return generate(model, tokenizer, prompts, max_new_tokens=args.max_new_tokens, n=n,
+                            temperature=args.temperature, batch_size=args.sample_batch_size, sharded=True)
 
         def teacher_fn(users):
             model_t, tokenizer_t = (model, tokenizer) if args.teacher == "self" else (teacher, teacher_tokenizer)
-            prompts = [chat_prompt(tokenizer_t, TEACHER_SYSTEM, u) for u in shard(users)]
-            return gather(generate(model_t, tokenizer_t, prompts, max_new_tokens=args.max_new_tokens,
-                                   temperature=args.teacher_temperature, top_p=args.teacher_top_p,
-                                   batch_size=args.sample_batch_size), len(users))
+            prompts = [chat_prompt(tokenizer_t, TEACHER_SYSTEM, u) for u in users]
+            return generate(model_t, tokenizer_t, prompts, max_new_tokens=args.max_new_tokens, sharded=True,
+                            temperature=args.teacher_temperature, top_p=args.teacher_top_p, batch_size=args.sample_batch_size)
         torch.manual_seed((args.seed + t) * WORLD + RANK)  # a sampling stream per iteration and rank
         pools, stats = collect_samples(questions, args, sample_fn, plain, reference, teacher_fn, tokenizer)
         hard_at_start = [i for i, count in enumerate(plain_counts(pools)) if count < args.min_correct]

@@ -77,7 +77,7 @@ from collections import Counter
 from dataclasses import dataclass
 
 import sft
-from common import Logger, fail, gather, generate, load_model, parse_args, save, shard
+from common import Logger, fail, generate, load_model, parse_args, save
 
 FAST, SLOW = "=", ">"  # the prompt's last character picks the mode
 
@@ -248,8 +248,8 @@ def model_solver(model, tokenizer, batch_size):
     """prompts -> greedy completions of the model: the only source of self-training answers."""
     def solve(prompts):
         budget = max(map(len, prompts), default=0) + 4  # every answer is shorter than its prompt
-        mine = generate(model, tokenizer, shard(prompts), max_new_tokens=budget, batch_size=batch_size)  # a share per rank
-        return gather([c.text for c in mine], len(prompts))
+        completions = generate(model, tokenizer, prompts, max_new_tokens=budget, batch_size=batch_size, sharded=True)
+        return [c.text for c in completions]  # each rank decodes a share, every rank gets all
     return solve
 
 

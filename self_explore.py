@@ -358,9 +358,9 @@ def supervised_stage(args, start, pairs, epochs, out_dir, logger):
 def sampler(path, args, stop=None):
     """sample_fn(prompts, n) -> n texts per prompt (prompt-major) from the model at `path`, T = 0.7, top_p 1."""
     model, tokenizer = load_model(path, seed=args.seed)  # each rank samples its share of the prompts (torchrun)
-    return lambda prompts, n: gather([c.text for c in generate(
-        model, tokenizer, shard(prompts), max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=1.0,
-        n=n, stop=stop, batch_size=args.sample_batch_size)], len(prompts), n)
+    return lambda prompts, n: [c.text for c in generate(
+        model, tokenizer, prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=1.0,
+        n=n, stop=stop, batch_size=args.sample_batch_size, sharded=True)]
 
 
 def main(argv=None):

@@ -49,6 +49,15 @@ def sector_oracle(model, tokenizer, prompts, **kwargs):
     return [Completion(target(*(int(x[::-1]) for x in p[:-1].split("+"))), [], True) for p, target in zip(prompts, targets)]
 
 
+def sharding(fake):
+    """A stand-in made to honour generate's sharded=True as common.generate does: decode this rank's share, gather."""
+    def generate(model, tokenizer, prompts, *, sharded=False, n=1, **kwargs):
+        from common import gather, shard
+        mine = fake(model, tokenizer, shard(prompts) if sharded else prompts, n=n, **kwargs)
+        return gather(mine, len(prompts), n) if sharded else mine
+    return generate
+
+
 def driver(folder):
     sys.path.insert(0, ROOT)
     import common
@@ -64,7 +73,7 @@ def driver(folder):
               "--out_dir", "sft", "--eval_max_new_tokens", "4"])
     answers = {ex.question: ex.answer for split in ("train", "test") for ex in common.load_task(TASK, split)}
     for script in (reft_ppo, guided_self_improve, score):
-        script.generate = functools.partial(scripted_generate, answers, script.__name__)
+        script.generate = sharding(functools.partial(scripted_generate, answers, script.__name__))
     reft_ppo.main(["--preset", "toy", "--model", start, "--task", TASK, "--out_dir", "reft", "--epochs", "1",
                    "--rollout_batch_size", "8", "--micro_batch_size", "2", "--lr", "1e-3"])
     guided_self_improve.main(["--preset", "toy", "--sft_model", "", "--task", TASK, "--out_dir", "gsi", "--iterations",
@@ -75,7 +84,7 @@ def driver(folder):
                  "--format_warmup_questions", "4", "--stage1_steps", "1", "--stage2_steps", "1", "--lr", "1e-3"]
     shared = os.path.abspath("../rank-0/score")  # every rank reloads the references rank 0 saves: a shared out_dir
     score.main(score_run + ["--out_dir", shared, "--format_warmup_epochs", "1"])
-    sector.generate = sector_oracle
+    sector.generate = sharding(sector_oracle)
     sector.main(["--preset", "toy", "--n0", "1", "--max_digits", "2", "--max_rounds", "1", "--sup_problems", "32",
                  "--n_problems", "9", "--replay", "8", "--n_eval", "5", "--batch_size", "8", "--micro_batch_size", "2",
                  "--agreement", "1.01", "--self_rounds", "1", "--out_dir", "sector"])  # a self-training fine-tune too

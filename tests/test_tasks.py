@@ -60,7 +60,7 @@ def test_empty_file_and_unknown_names_stop_clearly(tmp_path):
         load_task("gsm9k")
     with pytest.raises(SystemExit, match="unknown task"):
         load_task(str(tmp_path / "missing.jsonl"))
-    with pytest.raises(SystemExit, match="bad arith knobs"):
+    with pytest.raises(SystemExit, match="bad knobs in 'arith:depth=3'.*steps"):
         load_task("arith:depth=3")
 
 
@@ -93,6 +93,17 @@ def test_arith_knobs():
     examples = load_task("arith:steps=2,digits=3,n_train=50", "train")
     assert len(examples) == 50
     assert all(len(e.rationale.split("\n")) == 2 for e in examples)
+
+
+def test_tiny_knobs_resize_the_model_and_bad_ones_stop_clearly():
+    plain, _ = load_model("tiny")
+    wide, _ = load_model("tiny:hidden_size=64,num_attention_heads=2,num_hidden_layers=2")
+    assert (wide.config.hidden_size, wide.config.num_attention_heads, wide.config.num_hidden_layers) == (64, 2, 2)
+    assert wide.config.intermediate_size == plain.config.intermediate_size  # knobs left out keep tiny's values
+    assert sum(p.numel() for p in wide.parameters()) < sum(p.numel() for p in plain.parameters())
+    for bad in ("tiny:hidden=64", "tiny:hidden_size=wide"):
+        with pytest.raises(SystemExit, match="bad knobs in .*hidden_size"):
+            load_model(bad)
 
 
 @dataclass
