@@ -13,7 +13,7 @@ improvement operator: the slow policy of one model becomes the fast policy of th
 when fast accuracy at the new length collapses (error avalanching).
 
     python sector.py                    # the paper's schedule: ground truth on 1..6 digits, self-taught up to 30
-    python sector.py --preset toy       # CPU: ground truth on 1..3 digits, self-taught 4..6, not 7 (see README)
+    python sector.py --preset toy       # CPU: ground truth on 1..3 digits, self-taught 4..8 (see README)
 
 Implements PAPERS 6.1 steps 1-9: the task (a+b and a+b+1), the fast and slow forms, the supervised
 curriculum, simplify-then-guess, the commutativity check, fine-tuning on the new length with
@@ -33,13 +33,18 @@ Our choices, where the paper's are unknown (PAPERS 6.2-6.3):
   rounds and a self-taught length to 14% in 10 rounds. Reversed, digit i of the sum depends on digit
   i of each operand, at the same distance back for every i, which is learnt several times faster;
   writing `+0` keeps that distance the same with and without a carry-in.
-- Slow prompts of the supervised phase write both operands zero-padded to a random width up to
-  `slow_width` (`7500+8600+1>` -> `1;6`); the values still have at most N0 digits. Without it the
-  precondition of 6.1 step 4 failed for `tiny` (most-significant digit first): trained on 1..3 digits,
-  its slow step was right on 34% of 4-digit problems (it finds the digits to add by their distance
-  from the end, which is new at a new length), S&G labels were 27% wrong, and the commutativity
-  check cannot catch it (the misread positions are the same in both orders). With `slow_width 8`
-  the slow step was right on 95%.
+- Prompts of the supervised phase, fast and slow, write both operands zero-padded to a random width
+  up to `pad_width` (`7500+8600+1=` -> `6210`, `7500+8600+1>` -> `1;6`). The values still have at
+  most N0 digits: no digit beyond the N0-th is ever nonzero in a ground-truth example, and fast
+  accuracy at N0+1 digits stays 0 until self-training (see README). Why, for `tiny`:
+  unpadded (and most-significant digit first), the slow step was right on 34% of 4-digit problems
+  after training on 1..3 digits (it found the digits to add by their distance from the end, new at a
+  new length) and S&G labels were 27% wrong, which the commutativity check cannot catch (the misread
+  positions are the same in both orders); padding slow prompts made it 95%. With only slow prompts
+  padded, the fast mode learnt 4, 5 and 6 digits in 10, 3 and 4 fine-tunes and never 7: on 7-digit
+  prompts its 2nd and 3rd answer digits stayed a uniform guess (loss ln 10, also after 6000
+  ground-truth pairs) while the others were right, so what it had learnt was tied to the widths it
+  had been trained on. With fast prompts padded too, each new length takes one or two fine-tunes.
 - Curriculum: rounds of `sup_problems` fresh problems (half at the new length n, half at a length
   drawn from 1..n), one fast and one slow pair each; move on once fast and slow exact match on 100
   fresh n-digit problems both reach `threshold` (95%), or after `max_rounds`.
@@ -98,8 +103,8 @@ class Args:
     """most curriculum rounds at one length"""
     sup_problems: int = 4000  # our choice
     """fresh ground-truth problems per curriculum round"""
-    slow_width: int = 32  # our choice
-    """zero-pad both operands of ground-truth slow prompts to a random width up to this (1: none; see docstring)"""
+    pad_width: int = 32  # our choice
+    """zero-pad both operands of ground-truth prompts to a random width up to this (1: none; see docstring)"""
     candidates: int = 5  # paper: K = 5
     """K, the simplify-then-guess candidates (0..K-1 slow steps each)"""
     n_problems: int = 4000  # our choice
@@ -128,7 +133,7 @@ class Args:
     """seed for initialisation, problems and shuffling"""
 
 
-TOY = dict(n0=3, max_digits=8, slow_width=8, out_dir="runs/toy-sector", batch_size=32, micro_batch_size=32, sup_problems=2000,
+TOY = dict(n0=3, max_digits=8, pad_width=8, out_dir="runs/toy-sector", batch_size=32, micro_batch_size=32, sup_problems=2000,
            n_problems=1000, replay=8000, self_rounds=20)
 
 
@@ -153,8 +158,8 @@ def true_sum(a, b, c):
     return a + b + c
 
 
-def fast_target(a, b, c):  # 6.2, fast form: the sum directly
-    return digits(true_sum(a, b, c))
+def fast_target(a, b, c, width=0):  # 6.2, fast form: the sum directly (at least `width` digits)
+    return digits(true_sum(a, b, c), width)
 
 
 def slow_target(a, b, c):  # 6.1 step 2: one simplification step, d = (a0+b0+c) mod 10, carry c'
@@ -170,10 +175,10 @@ def shorten(text, carry):  # 6.1 step 2: the problem a slow step leaves, (a // 1
 
 
 def supervised_pairs(problem, width=0):
-    """The ground-truth fast and slow (prompt, target) pairs of one problem (6.1 step 3). The slow
-    prompt writes both operands zero-padded to `width` digits (our augmentation, see the docstring)."""
-    return [(problem_text(*problem) + FAST, fast_target(*problem)),
-            (problem_text(*problem, width) + SLOW, slow_target(*problem))]
+    """The ground-truth fast and slow (prompt, target) pairs of one problem (6.1 step 3), both operands
+    zero-padded to `width` digits (our augmentation, see the docstring)."""
+    text = problem_text(*problem, width)
+    return [(text + FAST, fast_target(*problem, width)), (text + SLOW, slow_target(*problem))]
 
 
 # ---------------------------------------------------------------- self-labelling (the firewall)
@@ -286,8 +291,8 @@ def format_table(rows):
 def check_args(args, model):
     if args.n0 < 1 or args.max_digits < args.n0:
         fail(f"need 1 <= n0 <= max_digits, got n0={args.n0} and max_digits={args.max_digits}")
-    if min(args.candidates, args.n_eval, args.sup_problems, args.n_problems, args.slow_width) < 1:
-        fail("candidates, n_eval, sup_problems, n_problems and slow_width must be at least 1")
+    if min(args.candidates, args.n_eval, args.sup_problems, args.n_problems, args.pad_width) < 1:
+        fail("candidates, n_eval, sup_problems, n_problems and pad_width must be at least 1")
     longest = 2 * (2 * args.max_digits + 4) + 2  # a slow prompt, its output and BOS/EOS, in bytes
     context = getattr(model.config, "max_position_embeddings", None) or longest
     if longest > context:
@@ -313,7 +318,7 @@ def main(argv=None):
         for round_ in range(1, args.max_rounds + 1):
             # ALGO: fresh problems, half at length n, half at a shorter or equal length
             problems = [sample_problem(rng, n if rng.random() < 0.5 else rng.randint(1, n)) for _ in range(args.sup_problems)]
-            pairs = [supervised_pairs(p, rng.randint(1, args.slow_width)) for p in problems]
+            pairs = [supervised_pairs(p, rng.randint(1, args.pad_width)) for p in problems]
             loss = finetune(model, tokenizer, [pair for two in pairs for pair in two], args, 1, next(runs))
             for p, two in zip(problems, pairs):
                 buffer.setdefault(len(str(p[0])), []).extend(two)

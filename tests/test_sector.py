@@ -40,9 +40,11 @@ def test_numbers_are_written_last_digit_first_and_the_carry_in_always():
     assert parse(sector.problem_text(120, 305, 1) + sector.FAST) == (120, 305, 1)
 
 
-def test_slow_prompts_can_zero_pad_the_operands():
-    assert sector.supervised_pairs((57, 68, 1), width=4) == [("75+86+1=", "621"), ("7500+8600+1>", "1;6")]
-    assert sector.supervised_pairs((57, 68, 0), width=1)[1] == ("75+86+0>", "1;5")  # never cuts a digit
+def test_supervised_prompts_zero_pad_both_operands_and_the_fast_answer():
+    assert sector.supervised_pairs((57, 68, 1), width=4) == [("7500+8600+1=", "6210"), ("7500+8600+1>", "1;6")]
+    assert sector.supervised_pairs((57, 68, 0), width=1) == [("75+86+0=", "521"), ("75+86+0>", "1;5")]  # cuts no digit
+    assert sector.supervised_pairs((99, 99, 1), width=3)[0] == ("990+990+1=", "991")  # 199: no digit beyond the width
+    assert sector.supervised_pairs((99, 99, 1), width=2)[0] == ("99+99+1=", "991")  # the carry-out past the width stays
 
 
 def test_slow_form_emits_the_carry_and_the_last_digit():
