@@ -351,8 +351,9 @@ def main(argv=None):
         def teacher_fn(users):
             model_t, tokenizer_t = (model, tokenizer) if args.teacher == "self" else (teacher, teacher_tokenizer)
             prompts = [chat_prompt(tokenizer_t, TEACHER_SYSTEM, u) for u in users]
-            return generate(model_t, tokenizer_t, prompts, max_new_tokens=args.max_new_tokens, sharded=True,
-                            temperature=args.teacher_temperature, top_p=args.teacher_top_p, batch_size=args.sample_batch_size)
+            return generate(model_t, tokenizer_t, prompts, max_new_tokens=args.max_new_tokens,
+                            temperature=args.teacher_temperature, top_p=args.teacher_top_p,
+                            batch_size=args.sample_batch_size, sharded=True)
         torch.manual_seed((args.seed + t) * WORLD + RANK)  # a sampling stream per iteration and rank
         pools, stats = collect_samples(questions, args, sample_fn, plain, reference, teacher_fn, tokenizer)
         hard_at_start = [i for i, count in enumerate(plain_counts(pools)) if count < args.min_correct]
