@@ -213,9 +213,9 @@ def second_prompt(tokenizer, problem, attempt1, args):
     return render(tokenizer, [problem.user, attempt1, instruction], args) + problem.reopen
 
 
-def attempts(model, tokenizer, prompts, problem, args, temperature, n=1):
+def attempts(model, tokenizer, prompts, problem, args, temperature, **options):
     """generate() with the setting's budget and stop strings (none for a chat model: they would cut a fenced program)."""
-    return generate(model, tokenizer, prompts, max_new_tokens=args.max_new_tokens, temperature=temperature, n=n,
+    return generate(model, tokenizer, prompts, max_new_tokens=args.max_new_tokens, temperature=temperature, **options,
                     stop=None if chat(tokenizer, args) else problem.stop or None, batch_size=args.sample_batch_size)
 
 
@@ -352,8 +352,8 @@ def format_warmup(model, tokenizer, problems, args, logger):
     answer after the instruction (Acc@t2 = 0): REINFORCE would see no reward. This teaches the format, not correction:
     SFT on [x1, y1, p1] -> y2, y1 and y2 independent samples at T = 1 (no reward looked at), 1:1 with gold targets."""
     problems = problems[:args.format_warmup_questions]
-    samples = gather(attempts(model, tokenizer, [render(tokenizer, [p.user], args) for p in shard(problems)], problems[0],
-                              args, args.temperature, n=2), len(problems), 2)  # each rank samples its share
+    samples = attempts(model, tokenizer, [render(tokenizer, [p.user], args) for p in problems], problems[0], args,
+                       args.temperature, n=2, sharded=True)  # each rank samples its share, every rank gets all
     pairs = [(second_prompt(tokenizer, p, a.text, args), b.text) for p, a, b in zip(problems, samples[::2], samples[1::2])]
     pairs += [(render(tokenizer, [p.user], args), p.target) for p in problems]
     sft.train(model, tokenizer, pairs, sft.Args(epochs=args.format_warmup_epochs, lr=args.format_warmup_lr,
