@@ -140,18 +140,40 @@ def test_two_processes_match_one_on_sft_and_ppo(runs):
     assert [m["loss"] for m in two["sft"]] == pytest.approx([m["loss"] for m in one["sft"]], rel=1e-5)
     for key in ("reward", "accuracy", "policy_loss", "value_loss", "clip_fraction", "kl_k1"):
         assert rollout_1(two["reft"])[key] == pytest.approx(rollout_1(one["reft"])[key], rel=1e-4, abs=1e-6), key
-    for name in ("sft", "reft"):
-        a, b = weights(f"{folder}/one/rank-0/{name}"), weights(f"{folder}/two/rank-0/{name}")
-        for key in a:
-            torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-5)
+    for name, lr, steps in (("sft", 3e-3, 4), ("reft", 1e-3, 2)):  # the runs' lr and optimiser steps
+        same_weights(f"{folder}/one/rank-0/{name}", f"{folder}/two/rank-0/{name}", lr, steps)
+
+
+def same_weights(path_one, path_two, lr, steps):
+    """The weights of 2 processes against 1, within what float32 rounding allows AdamW.
+
+    The 2 ranks' gradients are all-reduced and averaged; 1 process sums the same terms in another
+    order, so the gradients agree to about 1e-7 relative. AdamW divides each gradient by the root of
+    its running square, so a weight whose gradient sums to about 0 can take any step up to about lr,
+    either way, in each run: such a weight may differ by up to 2 * lr per step. Every other weight
+    follows its gradient's rounding error: well within 1e-5. Hence: at most 0.1% of the weights
+    differ by more than 1e-5, and none by more than 2 * lr * steps.
+    """
+    a, b = weights(path_one), weights(path_two)
+    far, total = 0, 0
+    for key in a:
+        gap = (b[key].float() - a[key].float()).abs()
+        assert gap.max().item() <= 2 * lr * steps, key
+        far += (gap > 1e-5).sum().item()
+        total += gap.numel()
+    assert far <= 1e-3 * total, (far, total)
 
 
 def same(two, one, rel, skip=("seconds",)):
     """Metrics of 2 processes against 1: the same steps, every number within rel."""
     assert [m["step"] for m in two] == [m["step"] for m in one]
     for a, b in zip(two, one):
+        assert set(a) == set(b), b["step"]
         for key in set(b) - set(skip):
-            assert a[key] == pytest.approx(b[key], rel=rel, abs=1e-6), (b["step"], key)
+            if isinstance(b[key], (int, float)) and not isinstance(b[key], bool):
+                assert a[key] == pytest.approx(b[key], rel=rel, abs=1e-6), (b["step"], key)
+            else:  # a step name, a histogram, a flag: equal as they are
+                assert a[key] == b[key], (b["step"], key)
 
 
 def test_two_processes_match_one_on_gsi_score_and_sector(runs):
