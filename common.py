@@ -72,21 +72,31 @@ def byte_tokenizer():
     backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 256)])
     return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
 
-def load_model(name_or_path, *, dtype=None, device=None, lora_rank=0, seed=0):
-    """(model, tokenizer) from `tiny`, a paper alias, a local checkpoint or a hub id; see DESIGN.md."""
+def load_model(name_or_path, *, dtype=None, device=None, lora_rank=0, seed=0, frozen=False,
+               reference=False):
+    """(model, tokenizer) from `tiny`, a paper alias, a local checkpoint or a hub id.
+    dtype is the compute dtype (bf16 on CUDA) of forwards under autocast(model). The weights that
+    train are fp32: all of them, or with lora_rank > 0 the adapters over a trunk in dtype.
+    frozen=True (a sampler, a reference policy) keeps every weight in dtype; reference=True counts
+    a bf16 reference copy beside a full fine-tune when checking that it fits one GPU."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    full = lora_rank == 0 and not frozen  # all weights train: fp32 masters (bf16 loses small steps)
+    storage = torch.float32 if full else dtype
     torch.manual_seed(seed)
     source = ALIASES.get(name_or_path, name_or_path)
     if source.partition(":")[0] == "tiny":  # a fresh ~1M-parameter Llama, no download; `tiny:key=value,...` resizes it
         config = AutoConfig.for_model("llama", **with_knobs(source, TINY, "tiny:hidden_size=256,num_attention_heads=8"))
-        tokenizer, model = byte_tokenizer(), AutoModelForCausalLM.from_config(config).to(dtype)
+        check_memory(config, device, full * (16 + 2 * reference))
+        tokenizer = byte_tokenizer()
+        model = AutoModelForCausalLM.from_config(config).to(storage)
     elif source.startswith((".", "/", "~", "runs/")) and not os.path.isdir(source):  # a path: fail now, not at the hub
         fail(f"no checkpoint folder {name_or_path!r} (`python sft.py --preset toy` writes runs/toy-sft)")
     elif os.path.isdir(source) or re.fullmatch(r"[\w.-]+/[\w.-]+", source):
         try:
             tokenizer = AutoTokenizer.from_pretrained(source)
-            model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+            check_memory(AutoConfig.from_pretrained(source), device, full * (16 + 2 * reference))
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=storage)
         except OSError as error:
             fail(f"could not load model {name_or_path!r}: no such folder, and the hub gave {type(error).__name__}")
     else:
@@ -105,7 +115,30 @@ def load_model(name_or_path, *, dtype=None, device=None, lora_rank=0, seed=0):
             for name, child in module.named_children():
                 if isinstance(child, nn.Linear):
                     setattr(module, name, LoRALinear(child, lora_rank, 2 * lora_rank))  # fp32 adapters
+    model.compute_dtype = dtype  # read by autocast(model)
     return model.to(device), tokenizer
+
+def check_memory(config, device, bytes_per_param):
+    """Stop before loading a full fine-tune that cannot fit one GPU: fp32 weights, gradients and
+    AdamW state take 16 bytes a parameter (a bf16 reference 2 more), activations come on top. Not on
+    CPU, nor under torchrun, where FSDP2 shards them."""
+    if device.type != "cuda" or WORLD > 1 or not bytes_per_param:
+        return
+    with torch.device("meta"):  # the parameter count without allocating
+        n = sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
+    need = n * bytes_per_param
+    have = torch.cuda.get_device_properties(device).total_memory
+    if need > have:
+        fail(f"full fine-tuning of {n / 1e9:.1f}B parameters needs {need / 2 ** 30:.0f} GiB (fp32 "
+             f"weights, gradients, optimiser state) but the GPU has {have / 2 ** 30:.0f} GiB: pass "
+             f"--lora_rank 64, or shard it over several GPUs with torchrun (FSDP2)")
+
+def autocast(model):
+    """Autocast to the compute dtype given to load_model (bf16 on CUDA) over fp32 weights; off at
+    fp32. A context manager around every training and sampling forward; other models run in fp32."""
+    unwrapped = getattr(model, "module", model)  # DDP keeps the model in .module
+    dtype = getattr(unwrapped, "compute_dtype", torch.float32)
+    return torch.autocast(unwrapped.device.type, dtype=dtype, enabled=dtype != torch.float32)
 
 class LoRALinear(nn.Module):
     """y = W x + (alpha / r) B A x with W frozen; B starts at zero so the wrapped layer starts as W."""
@@ -262,8 +295,10 @@ def _generate_batch(model, tokenizer, prompts, max_new_tokens, temperature, top_
     generated, done, stopped = [[] for _ in prompts], [False] * len(prompts), [False] * len(prompts)
     cache, positions = DynamicCache(config=model.config), (mask.cumsum(-1) - 1).clamp(min=0)  # skip left padding
     for _ in range(int(min(max_new_tokens, context - mask.shape[1]))):
-        logits = model(input_ids=step_ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                       use_cache=True, logits_to_keep=1).logits[:, -1].float()
+        with autocast(model):
+            logits = model(input_ids=step_ids, attention_mask=mask, position_ids=positions,
+                           past_key_values=cache, use_cache=True,
+                           logits_to_keep=1).logits[:, -1].float()
         if temperature > 0:
             probs = torch.softmax(logits / temperature, dim=-1)
             if top_p < 1.0:  # nucleus: keep the smallest set of tokens whose mass reaches top_p
@@ -312,12 +347,16 @@ def token_logprobs(model, input_ids, attention_mask, *, temperature=1.0, return_
     """log p(input_ids[:, t+1] | prefix) as [B, L-1], 0 at padding; return_hidden=True adds the last hidden state.
     The wrapper's (DDP, FSDP2) forward keeps one logit; the head runs in chunks, recomputed in backward: memory-lean."""
     positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # left or right padding: as in generate
-    hidden = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
-                   use_cache=False, output_hidden_states=True, logits_to_keep=1).hidden_states[-1]
-    head, pieces = getattr(model, "module", model).get_output_embeddings(), []  # Llama, Mistral, GPT-2, OPT
-    step = max(1, chunk_elements // head.out_features)
-    for chunk in zip(hidden[:, :-1].flatten(0, 1).split(step), input_ids[:, 1:].flatten().split(step)):
-        pieces.append(_recomputed(_chunk_logprobs, head, *chunk, temperature))
+    with autocast(model):  # bf16 compute on CUDA (recomputed alike); the log-softmax is fp32
+        hidden = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
+                       use_cache=False, output_hidden_states=True,
+                       logits_to_keep=1).hidden_states[-1]  # the other layers' states are freed
+        head = getattr(model, "module", model).get_output_embeddings()  # Llama, Mistral, GPT-2, OPT
+        pieces = []
+        step = max(1, chunk_elements // head.out_features)
+        targets = input_ids[:, 1:].flatten().split(step)
+        for chunk in zip(hidden[:, :-1].flatten(0, 1).split(step), targets):
+            pieces.append(_recomputed(_chunk_logprobs, head, *chunk, temperature))
     logprobs = torch.cat(pieces).view(input_ids.shape[0], -1) * attention_mask[:, 1:] * attention_mask[:, :-1]
     return (logprobs, hidden) if return_hidden else logprobs
 

@@ -319,7 +319,7 @@ def main(argv=None):
     questions = questions[:args.n_questions] if args.n_questions else questions
     sft_set = [] if args.sft_model else load_task(args.sft_task or args.task, "train")
     if args.strategy == "interactive" and args.teacher != "self":
-        teacher, teacher_tokenizer = load_model(args.teacher, seed=args.seed)
+        teacher, teacher_tokenizer = load_model(args.teacher, seed=args.seed, frozen=True)
     logger = Logger(args.out_dir)
     plain = lambda e: sft.prompt_for(args.template, e.question)
     reference = lambda e: sft.target_for(args.template, e)  # the gold rationale, ending in "The answer is x"
@@ -333,7 +333,7 @@ def main(argv=None):
         started = time.time()
         # 1. ALGO: M_t = SFT(base model, D_t); every iteration restarts from the base model. D_0: gold rationales
         if t == 0 and args.sft_model:
-            model, tokenizer = load_model(args.sft_model, seed=args.seed)
+            model, tokenizer = load_model(args.sft_model, seed=args.seed, frozen=True)  # sampled
         else:
             model, tokenizer = load_model(args.model, lora_rank=args.lora_rank, seed=args.seed)
             budget = fixed_budget(pairs, args.train_sequences, args.seed + t) if args.train_sequences else pairs

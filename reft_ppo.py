@@ -42,9 +42,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 import sft
-from common import (RANK, Logger, adapters_disabled, all_reduce, batch_sequences, extract_answer, fail, gather,
-                    generate, gradient_checkpointing, load_model, load_task, normalize_answer, parse_args,
-                    run_sandboxed, save, shard, token_logprobs, wrap_model)
+from common import (RANK, Logger, adapters_disabled, all_reduce, autocast, batch_sequences,
+                    extract_answer, fail, gather, generate, gradient_checkpointing, load_model,
+                    load_task, normalize_answer, parse_args, run_sandboxed, save, shard,
+                    token_logprobs, wrap_model)
 
 
 @dataclass
@@ -313,14 +314,18 @@ def vote_accuracy(model, tokenizer, examples, args):
 
 
 def last_token_hidden(model, input_ids, attention_mask):
-    hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+    with autocast(model):
+        hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask,
+                                  use_cache=False).last_hidden_state
     return hidden[torch.arange(len(input_ids)), attention_mask.sum(1) - 1].float()
 
 
 def rerank_accuracy(model, tokenizer, train_set, test_set, args):
     """Rerank@k: a correct/incorrect classifier, initialised from --model, trained on the warm-up model's
     deduplicated samples of the training questions; at test time the valid sample it scores highest wins."""
-    sampler = load_model(args.rerank_sampler, seed=args.seed)[0] if args.rerank_sampler else model
+    sampler = model
+    if args.rerank_sampler:
+        sampler = load_model(args.rerank_sampler, seed=args.seed, frozen=True)[0]
     prompts, completions, preds = sample_answers(sampler, tokenizer, train_set, args, n=args.rerank_samples, temperature=1.0)
     labelled = {(p, c.text): int(terminal_reward(pred, train_set[i // args.rerank_samples].answer, 0.0) == 1.0)
                 for i, (p, c, pred) in enumerate(zip(prompts, completions, preds))}
@@ -372,7 +377,8 @@ def main(argv=None):
     # PLUMBING: data, then the model, before any work
     train_set, test_set = load_task(args.task, "train"), load_task(args.task, "test")
     train_set, test_set = train_set[:args.n_train or None], test_set[:args.n_eval or None]
-    model, tokenizer = load_model(args.model, lora_rank=args.lora_rank, seed=args.seed)
+    model, tokenizer = load_model(args.model, lora_rank=args.lora_rank, seed=args.seed,
+                                  reference=args.mode == "train")  # PPO keeps a frozen reference
     kept = [ex for ex in train_set if len(tokenizer(make_prompt(args, ex.question))["input_ids"]) <= args.max_prompt_tokens]
     print(f"{len(kept)} training questions ({len(train_set) - len(kept)} dropped: prompt over {args.max_prompt_tokens} "
           f"tokens), {len(test_set)} test questions")
@@ -400,7 +406,7 @@ def main(argv=None):
                 return token_logprobs(model, input_ids, attention_mask, temperature=args.temperature)
     else:
         warm = f"{args.out_dir}/warmup" if args.warmup_epochs > 0 else args.model
-        frozen = load_model(warm, seed=args.seed)[0].eval().requires_grad_(False)
+        frozen = load_model(warm, seed=args.seed, frozen=True)[0].eval().requires_grad_(False)
 
         def reference(input_ids, attention_mask):
             return token_logprobs(frozen, input_ids, attention_mask, temperature=args.temperature)

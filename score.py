@@ -369,7 +369,8 @@ def reference_of(model, args, path=None):
                 return token_logprobs(model, input_ids, attention_mask, temperature=args.temperature)
         return reference
     with torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_available() else []):
-        frozen = load_model(path, seed=args.seed)[0].eval().requires_grad_(False)  # it reseeds; sampling streams go on
+        frozen = load_model(path, seed=args.seed, frozen=True)[0]  # it reseeds; sampling goes on
+        frozen.eval().requires_grad_(False)
     return lambda input_ids, attention_mask: token_logprobs(frozen, input_ids, attention_mask, temperature=args.temperature)
 
 
@@ -411,7 +412,8 @@ def main(argv=None):
     test_set = load_problems(args.eval_task or args.task, "test", args)[:args.n_eval or None]
     if not train_set or not test_set:
         fail(f"no problems in {args.task!r} (train) or {args.eval_task or args.task!r} (test)")
-    model, tokenizer = load_model(args.model, lora_rank=args.lora_rank, seed=args.seed)  # seeds torch
+    model, tokenizer = load_model(args.model, lora_rank=args.lora_rank, seed=args.seed,
+                                  reference=True)  # seeds torch
     if RANK > 0:  # each rank its own sampling stream (ReFT's code: seed + rank)
         torch.manual_seed(args.seed + RANK)
     logger = Logger(args.out_dir)

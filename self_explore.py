@@ -357,7 +357,7 @@ def supervised_stage(args, start, pairs, epochs, out_dir, logger):
 
 def sampler(path, args, stop=None):
     """sample_fn(prompts, n) -> n texts per prompt (prompt-major) from the model at `path`, T = 0.7, top_p 1."""
-    model, tokenizer = load_model(path, seed=args.seed)  # each rank samples its share of the prompts (torchrun)
+    model, tokenizer = load_model(path, seed=args.seed, frozen=True)  # each rank samples its share
     return lambda prompts, n: [c.text for c in generate(
         model, tokenizer, prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=1.0,
         n=n, stop=stop, batch_size=args.sample_batch_size, sharded=True)]
@@ -377,7 +377,7 @@ def main(argv=None):
 
     def report(name, path):  # greedy accuracy of a stage's model, measured once per run folder
         def measure():
-            model, tokenizer = load_model(path, seed=args.seed)
+            model, tokenizer = load_model(path, seed=args.seed, frozen=True)
             return [{f"{split}_accuracy": evaluate(model, tokenizer, examples, lambda ex: prompt_of(ex.question),
                                                    max_new_tokens=args.max_new_tokens, batch_size=args.sample_batch_size)["accuracy"]
                      for split, examples in (("val", val_set), ("test", test_set)) if examples}]
