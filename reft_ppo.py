@@ -19,7 +19,8 @@ writes a Python solution() that runs in a sandboxed subprocess.
 
 Implements Section 2.1 step by step (warm-up, value head, rollout, terminal reward, old
 quantities, KL-shaped reward, GAE, whitening, clipped PPO) and the inference extensions of 2.3.
-The warm-up model is saved to out_dir/warmup; the frozen reference is reloaded from it (or from --model).
+The warm-up model is saved to out_dir/warmup; the frozen reference is reloaded from it (or from
+--model); with --lora_rank the policy is reloaded from it with new adapters (adapters off: warm-up)
 
 Deviations, each also in the README (PAPERS 2.5, 2.6):
 - The value head starts at zero (the OpenAI convention), so the first values are zero; the
@@ -400,6 +401,10 @@ def main(argv=None):
                                                     schedule_epochs=args.warmup_schedule_epochs, out_dir=args.out_dir,
                                                     batch_size=args.warmup_batch_size, seed=args.seed), logger=logger)
         save(model, tokenizer, f"{args.out_dir}/warmup", args)  # reloaded as the reference (FSDP2 cannot copy)
+        if args.lora_rank > 0:  # warm-up merged in the trunk, new adapters: adapters off = warm-up
+            del model  # one copy in memory at a time
+            model, tokenizer = load_model(f"{args.out_dir}/warmup", lora_rank=args.lora_rank,
+                                          seed=args.seed)
     if args.lora_rank > 0:
         def reference(input_ids, attention_mask):
             with adapters_disabled(model):

@@ -152,3 +152,20 @@ def test_toy_smoke_run(tmp_path):
     reft_ppo.main(common + ["--mode", "rerank", "--vote_k", "3", "--rerank_samples", "2", "--rerank_epochs", "1"])
     steps = [json.loads(line)["step"] for line in open(os.path.join(out_dir, "metrics.jsonl"))]
     assert steps[-2:] == ["vote", "rerank"]
+
+
+def test_under_lora_the_reference_is_the_warm_up_model(tmp_path):
+    """The paper's reference is the warm-up checkpoint. With --lora_rank it is the model with
+    adapters off, so the warm-up must sit in the trunk: the first rollout then samples from the
+    reference itself, and its KL is exactly 0 (as with full fine-tuning)."""
+    out_dir = str(tmp_path / "reft")
+    reft_ppo.main(["--preset", "toy", "--model", "tiny", "--task", "arith:n_train=8,n_test=2",
+                   "--out_dir", out_dir, "--lora_rank", "4", "--warmup_epochs", "1",
+                   "--warmup_schedule_epochs", "1", "--warmup_lr", "1e-2",
+                   "--warmup_batch_size", "8",
+                   "--epochs", "1", "--rollout_batch_size", "8", "--max_total_tokens", "40",
+                   "--eval_max_new_tokens", "4"])
+    metrics = [json.loads(line) for line in open(os.path.join(out_dir, "metrics.jsonl"))]
+    assert [m for m in metrics if m["step"] == "sft 1"]  # the warm-up ran
+    first = next(m for m in metrics if m["step"].startswith("rollout"))
+    assert first["kl_k1"] == 0.0 and first["kl_k3"] == 0.0
