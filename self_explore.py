@@ -26,7 +26,9 @@ while exploring); samples are sorted after dedup (the code: set order); a pit on
 after the cut) is dropped and counted; a text without `<<lhs=rhs>>` annotations (arith) uses its `lhs=rhs` lines
 as equations; the reference is the RFT model before its first DPO update, its log-probs computed once (no second
 copy); GSM8K's step split only (not MATH's, 3.3); one round; the last epoch of each stage is the result (SFT 2,
-RFT 1, DPO 3 epochs, 3.7); --n_val holds out training questions to tune the toy without the test split.
+RFT 1, DPO 3 epochs, 3.7), SFT's and RFT's linear decay computed for 5 epochs as in the official
+run_ft.sh and run_rft.sh, so that their result is an early checkpoint of that schedule; --n_val
+holds out training questions to tune the toy without the test split.
 """
 import ast
 import json
@@ -68,6 +70,8 @@ class Args:
     """SFT epochs"""
     rft_epochs: int = 1  # paper: RFT 1 epoch (PAPERS 3.7)
     """RFT epochs"""
+    sft_schedule_epochs: int = 5  # official code: scripts/gsm8k/sft/run_ft.sh and run_rft.sh
+    """epochs the SFT and RFT LR schedules are computed for (0: the epochs run)"""
     sft_lr: float = 1e-5  # paper: 1e-5 (1e-6 for Mistral)
     """SFT and RFT learning rate (AdamW, linear decay)"""
     sft_warmup_ratio: float = 0.0  # paper: no warm-up
@@ -113,10 +117,12 @@ class Args:
 
 
 # The toy world, from runs/toy-sft (`python sft.py --preset toy`): RFT trains a fresh tiny with toy SFT's recipe
-# (8 epochs ~ its 750 steps); DPO lr 1e-5: of 1e-6..1e-4 the smallest whose reward margins clearly grow.
+# (8 epochs ~ its 750 steps, decaying over all 8); DPO lr 1e-5: of 1e-6..1e-4 the smallest whose
+# reward margins clearly grow.
 TOY = dict(model="tiny", sft_model="runs/toy-sft", task="arith", out_dir="runs/toy-self-explore", n_val=200,
-           loss_on_prompt=False, rft_epochs=8, sft_lr=3e-3, sft_warmup_ratio=0.1, sft_batch_size=32,
-           micro_batch_size=32, n_samples=8, max_new_tokens=96, sample_batch_size=512, dpo_lr=1e-5, seed=0)
+           loss_on_prompt=False, rft_epochs=8, sft_schedule_epochs=0, sft_lr=3e-3,
+           sft_warmup_ratio=0.1, sft_batch_size=32, micro_batch_size=32, n_samples=8,
+           max_new_tokens=96, sample_batch_size=512, dpo_lr=1e-5, seed=0)
 
 
 # ---------------------------------------------------------------- ALGO: RFT set and D_pair (3.1 steps 3, 5)
@@ -350,7 +356,8 @@ def supervised_stage(args, start, pairs, epochs, out_dir, logger):
     model, tokenizer = load_model(start, lora_rank=args.lora_rank, seed=args.seed)
     recipe = sft.Args(template="self_explore", loss_on_prompt=args.loss_on_prompt, epochs=epochs, lr=args.sft_lr,
                       warmup_ratio=args.sft_warmup_ratio, batch_size=args.sft_batch_size, out_dir=out_dir,
-                      micro_batch_size=args.micro_batch_size, seed=args.seed)
+                      micro_batch_size=args.micro_batch_size, seed=args.seed,
+                      schedule_epochs=args.sft_schedule_epochs)  # an early epoch of a 5-epoch decay
     sft.train(model, tokenizer, pairs, recipe, logger=logger)
     save(model, tokenizer, out_dir, args)
 
@@ -367,6 +374,9 @@ def main(argv=None):
     args = parse_args(Args, {"toy": TOY}, argv)
     if args.pairs not in ("gpair", "outcome"):
         fail(f"unknown --pairs {args.pairs!r}: use gpair (Self-Explore) or outcome (the DPO baseline)")
+    if 0 < args.sft_schedule_epochs < max(args.sft_epochs, args.rft_epochs):
+        fail(f"--sft_schedule_epochs {args.sft_schedule_epochs} ends the LR decay before the last "
+             f"SFT or RFT epoch: raise it, or pass 0 to decay over the epochs run")
     # PLUMBING: the data first, so a bad name stops before any work; the validation slice is held out
     train_set, test_set = load_task(args.task, "train"), load_task(args.task, "test")
     if args.n_val >= len(train_set):

@@ -258,3 +258,17 @@ def test_resume_after_an_interrupted_stage(tmp_path, monkeypatch):
     run_main(tmp_path, "--sft_model", str(tmp_path / "start"))
     assert calls["sft"] == 0 and open(os.path.join(out_dir, "pairs.jsonl")).read() == before
     assert os.path.exists(os.path.join(out_dir, "dpo-gpair", "args.json"))
+
+
+def test_sft_and_rft_decay_over_the_official_five_epochs(tmp_path):
+    """The official run_ft.sh and run_rft.sh compute the linear decay for 5 epochs and the paper
+    reports an early epoch: after 1 epoch of one step the LR is 4/5 of its peak, not 0."""
+    args = self_explore.Args(sft_batch_size=4, micro_batch_size=4, seed=0)
+    pairs = [(f"{a}+{a}\n", f"{a}+{a}={2 * a}\nThe answer is {2 * a}") for a in range(1, 5)]
+    logger = self_explore.Logger(str(tmp_path))
+    self_explore.supervised_stage(args, "tiny", pairs, 1, str(tmp_path / "rft"), logger)
+    last = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")][-1]
+    assert last["lr"] == pytest.approx(0.8 * args.sft_lr)
+    assert self_explore.sft.PRESETS["self_explore"]["schedule_epochs"] == args.sft_schedule_epochs
+    with pytest.raises(SystemExit, match="--sft_schedule_epochs 1 ends the LR decay"):
+        self_explore.main(["--sft_schedule_epochs", "1", "--out_dir", str(tmp_path / "run")])
