@@ -29,6 +29,8 @@ Deviations, each also in the README (PAPERS 2.5, 2.6):
 - Prompts longer than --max_prompt_tokens are dropped (counted), not cut.
 - Programs run in a subprocess with time, memory and file limits (the official code uses exec).
 - The reported checkpoint is the last one (the official `best/` is the best epoch on the test set).
+- Rerank's classifier learns from the samples of --rerank_sampler, by default --model (the official
+  data: the epoch-2 warm-up model's samples; name that checkpoint to match).
 - Prompts carry the tokenizer's BOS, as in sft.py.
 """
 import copy
