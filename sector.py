@@ -346,7 +346,7 @@ def main(argv=None):
     print(format_table(table), flush=True)
     save(model, tokenizer, args.out_dir, args)
 
-    # 2. Self-training: N = N0+1, N0+2, ... with no ground truth
+    # 2. Self-training: N = N0+1, N0+2, ... with no new ground truth
     for n in range(args.n0 + 1, args.max_digits + 1):
         for round_ in range(1, args.self_rounds + 1):
             # ALGO 2a. fresh n-digit problems, labelled by simplify-then-guess + commutativity
