@@ -284,7 +284,8 @@ def load_task(name_or_path, split="train"):
 # text (decoded, cut before a stop string), token_ids (generated only, EOS included), finished (not by the length cap)
 Completion = namedtuple("Completion", ["text", "token_ids", "finished"])
 
-def _generate_batch(model, tokenizer, prompts, max_new_tokens, temperature, top_p, stop):
+def _generate_batch(model, tokenizer, prompts, max_new_tokens, temperature, top_p, stop,
+                    max_total_tokens):
     enc = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left").to(model.device)
     step_ids, mask = enc["input_ids"], enc["attention_mask"]
     context = getattr(model.config, "max_position_embeddings", None) or math.inf
@@ -294,7 +295,8 @@ def _generate_batch(model, tokenizer, prompts, max_new_tokens, temperature, top_
     eos = {tokenizer.eos_token_id, *(eos if isinstance(eos, list) else [eos])}
     generated, done, stopped = [[] for _ in prompts], [False] * len(prompts), [False] * len(prompts)
     cache, positions = DynamicCache(config=model.config), (mask.cumsum(-1) - 1).clamp(min=0)  # skip left padding
-    for _ in range(int(min(max_new_tokens, context - mask.shape[1]))):
+    limit = min(context, max_total_tokens or math.inf)  # prompt + response, the batch padded as one
+    for _ in range(int(max(0, min(max_new_tokens, limit - mask.shape[1])))):
         with autocast(model):
             logits = model(input_ids=step_ids, attention_mask=mask, position_ids=positions,
                            past_key_values=cache, use_cache=True,
@@ -325,17 +327,19 @@ def _generate_batch(model, tokenizer, prompts, max_new_tokens, temperature, top_
     return [Completion(*row) for row in zip(texts, generated, done)]
 
 @torch.no_grad()
-def generate(model, tokenizer, prompts, *, max_new_tokens, temperature=0.0, top_p=1.0, n=1, stop=None, batch_size=None,
-             sharded=False):
+def generate(model, tokenizer, prompts, *, max_new_tokens, temperature=0.0, top_p=1.0, n=1,
+             stop=None, batch_size=None, sharded=False, max_total_tokens=None):
     """Own decode loop with a KV cache; n completions per prompt, prompt-major. Greedy when temperature=0.
-    sharded=True (torchrun): each rank decodes its share of the prompts, and every rank gets all the completions."""
+    sharded=True (torchrun): each rank decodes its share of the prompts, and every rank gets all the
+    completions. max_total_tokens caps each batch's padded prompt + response (HF's max_length)."""
     rows = [prompt for prompt in (shard(prompts) if sharded else prompts) for _ in range(n)]
     order = sorted(range(len(rows)), key=lambda i: -len(rows[i]))  # batch similar lengths: less padding
     was_training, completions, batch_size = model.training, [], batch_size or max(len(rows), 1)
     model.eval()
     for start in tqdm(range(0, len(rows), batch_size), desc="generate", leave=False, disable=len(rows) <= batch_size or None):
         batch = [rows[i] for i in order[start:start + batch_size]]
-        completions += _generate_batch(model, tokenizer, batch, max_new_tokens, temperature, top_p, stop)
+        completions += _generate_batch(model, tokenizer, batch, max_new_tokens, temperature, top_p,
+                                       stop, max_total_tokens)
     model.train(was_training)
     completions = [completion for _, completion in sorted(zip(order, completions), key=lambda pair: pair[0])]
     return gather(completions, len(prompts), n) if sharded else completions  # prompt order

@@ -78,8 +78,9 @@ class Args:
     """rounds of guided re-sampling (one sample per still-hard question per round)"""
     brute_force_rounds: int = 128  # paper: 128 (CoT), 32 (PoT)
     """rounds of plain re-sampling for --strategy brute_force"""
-    reset_by: str = "lines"  # official code: lines for GSM8K, token proportions for the other datasets
-    """state-reset prefix: lines (the first 1, 2, ... lines) or tokens (20/40/60/80/80% of the gold tokens)"""
+    reset_by: str = ""  # official code: lines for GSM8K, token proportions for every other set
+    """state-reset prefix: lines (the first 1, 2, ... lines) or tokens (20/40/60/80/80% of the gold
+    tokens); '' = by --task: lines for gsm8k, a *gsm8k* file and arith, tokens for the others"""
     temperature: float = 0.7  # paper: top_p 1
     """sampling temperature of the policy"""
     teacher_temperature: float = 1.0  # official code
@@ -150,6 +151,12 @@ def rationale_driven_prompt(example, reference):
     return RATIONALE_DRIVEN.format(question=example.question, reference=reference)
 
 
+def reset_unit(args):
+    """--reset_by, or the official choice for --task: lines for GSM8K (and arith), else tokens."""
+    name = os.path.basename(args.task).lower()
+    return args.reset_by or ("lines" if "gsm8k" in name or name.startswith("arith") else "tokens")
+
+
 def state_reset_prefix(reference, round_index, reset_by, tokenizer=None):
     """The start of the gold rationale that round `round_index` (0-based) continues from. lines: the first k lines,
     k = 1, 2, ... per round; past the end, all lines but the last, then k = 1 again. tokens: the first 20, 40, 60,
@@ -203,7 +210,9 @@ def guided_prompts(args, examples, pools, round_index, plain, reference, teacher
     if args.strategy == "rationale_driven":
         return [rationale_driven_prompt(e, reference(e)) for e in examples], no_prefix
     if args.strategy == "state_reset":  # the model continues the gold prefix; prefix + continuation is stored
-        prefixes = [state_reset_prefix(reference(e), round_index, args.reset_by, tokenizer) for e in examples]
+        unit = reset_unit(args)
+        prefixes = [state_reset_prefix(reference(e), round_index, unit, tokenizer)
+                    for e in examples]
         return [plain(e) + prefix for e, prefix in zip(examples, prefixes)], prefixes
     # interactive (4.4 deviation): the last WRONG prediction; a hard question has one since min_correct <= n_samples
     wrongs = [next(s["text"] for s in reversed(pool) if not s["correct"]) for pool in pools]
@@ -303,8 +312,8 @@ def check_args(args):
         fail(f"unknown --template {args.template!r}: use one of {', '.join(sft.TEMPLATES)}")
     if args.strategy == "interactive" and not args.teacher:
         fail("--strategy interactive needs --teacher: a model path, alias or hub id, or `self` for the policy")
-    if args.reset_by not in ("lines", "tokens"):
-        fail(f"unknown --reset_by {args.reset_by!r}: use lines or tokens")
+    if args.reset_by not in ("", "lines", "tokens"):
+        fail(f"unknown --reset_by {args.reset_by!r}: use lines or tokens ('' = by --task)")
     if not 1 <= args.min_correct <= args.n_samples:
         fail(f"--min_correct {args.min_correct} must lie in 1..--n_samples ({args.n_samples})")
     if args.iterations < 1:

@@ -25,11 +25,13 @@ The warm-up model is saved to out_dir/warmup; the frozen reference is reloaded f
 Deviations, each also in the README (PAPERS 2.5, 2.6):
 - The value head starts at zero (the OpenAI convention), so the first values are zero; the
   official code uses the library's random init (`--value_head_init default`).
-- A response cut at the length limit gets its reward on its last generated token (the official
-  code puts it one token earlier); `--truncation_penalty` is subtracted from it (0 = the paper).
+- `--truncation_penalty` (0 = the paper) lowers the reward of a response cut at the length limit;
+  like the official code, it sits on the last generated token.
 - Prompts longer than --max_prompt_tokens are dropped (counted), not cut.
 - Programs run in a subprocess with time, memory and file limits (the official code uses exec).
 - The reported checkpoint is the last one (the official `best/` is the best epoch on the test set).
+- Rerank's classifier learns from the samples of --rerank_sampler, by default --model (the official
+  data: the epoch-2 warm-up model's samples; name that checkpoint to match).
 - Prompts carry the tokenizer's BOS, as in sft.py.
 """
 import copy
@@ -109,8 +111,10 @@ class Args:
     """zero (first values are 0) or default (the library's random init, as the official code)"""
     program_timeout: float = 10.0  # paper
     """seconds a model-written program may run"""
-    eval_max_new_tokens: int = 700
-    """generation budget at evaluation"""
+    eval_max_total_tokens: int = 700  # official code: max_gen_length, prompt + response
+    """length limit of prompt + response at greedy evaluation (each batch's padded prompt)"""
+    vote_max_total_tokens: int = 1024  # official sampling.py: max_length
+    """length limit of prompt + response of the samples of --mode vote and rerank"""
     n_eval: int = 0
     """evaluate on the first n test questions (0: all)"""
     vote_k: int = 100  # paper: Voting@100, Rerank@100
@@ -125,6 +129,8 @@ class Args:
     """rerank: classifier epochs"""
     rerank_batch_size: int = 24  # paper: 3 x 8 GPUs
     """rerank: classifier batch size"""
+    rerank_max_tokens: int = 700  # official train_reward_model.py: max_input_length
+    """rerank: classifier inputs are cut to their first this many tokens"""
     lora_rank: int = 0
     """LoRA rank (0: full fine-tuning); the reference is then the model with adapters off"""
     seed: int = 42  # paper: 42 + rank
@@ -135,8 +141,9 @@ PRESETS = {
     "program": dict(cot="program", kl_coef=0.01),  # paper: P-CoT
     # The toy world: start from runs/toy-sft (already warmed up) and share its template.
     "toy": dict(model="runs/toy-sft", task="arith", template="self_explore", out_dir="runs/toy-reft", warmup_epochs=0,
-                epochs=5, micro_batch_size=32, lr=2e-5, max_total_tokens=128, eval_max_new_tokens=96,
-                vote_k=16, rerank_samples=8, rerank_lr=1e-4, rerank_batch_size=32, seed=0),
+                epochs=5, micro_batch_size=32, lr=2e-5, max_total_tokens=128,
+                eval_max_total_tokens=128, vote_max_total_tokens=128, vote_k=16, rerank_samples=8,
+                rerank_lr=1e-4, rerank_batch_size=32, seed=0),
 }
 TOY = PRESETS["toy"]
 
@@ -291,10 +298,13 @@ def ppo_update(model, value_head, optimizer, batch, args):
 
 
 def sample_answers(model, tokenizer, examples, args, n=1, temperature=0.0):
-    """(prompts, completions, answers), n per question (greedy when temperature is 0); each rank does its share."""
+    """(prompts, completions, answers), n per question (greedy when temperature is 0); each rank
+    does its share. Prompt + response stay within the official length limits (max_length)."""
     prompts = shard([make_prompt(args, ex.question) for ex in examples])
-    completions = generate(model, tokenizer, prompts, max_new_tokens=args.eval_max_new_tokens, n=n,
-                           temperature=temperature, top_p=1.0, batch_size=256)
+    greedy = temperature == 0  # official: greedy in the training script; samples in sampling.py
+    total = args.eval_max_total_tokens if greedy else args.vote_max_total_tokens
+    completions = generate(model, tokenizer, prompts, max_new_tokens=total, max_total_tokens=total,
+                           n=n, temperature=temperature, top_p=1.0, batch_size=256)
     rows = [(prompts[i // n], c, answer_of(args, prompts[i // n], c.text)) for i, c in enumerate(completions)]
     return tuple(zip(*gather(rows, len(examples), n)))
 
@@ -322,22 +332,25 @@ def last_token_hidden(model, input_ids, attention_mask):
 
 
 def rerank_accuracy(model, tokenizer, train_set, test_set, args):
-    """Rerank@k: a correct/incorrect classifier, initialised from --model, trained on the warm-up model's
-    deduplicated samples of the training questions; at test time the valid sample it scores highest wins."""
+    """Rerank@k: a correct/incorrect classifier, initialised from --model, trained on the
+    deduplicated samples of the training questions by --rerank_sampler (the paper: the warm-up
+    model; default: --model); inputs cut to --rerank_max_tokens; at test time the best-scored valid
+    sample wins."""
     sampler = model
     if args.rerank_sampler:
         sampler = load_model(args.rerank_sampler, seed=args.seed, frozen=True)[0]
     prompts, completions, preds = sample_answers(sampler, tokenizer, train_set, args, n=args.rerank_samples, temperature=1.0)
     labelled = {(p, c.text): int(terminal_reward(pred, train_set[i // args.rerank_samples].answer, 0.0) == 1.0)
                 for i, (p, c, pred) in enumerate(zip(prompts, completions, preds))}
-    data = [(tokenizer(p + text)["input_ids"], label) for (p, text), label in labelled.items()]
+    cut = args.rerank_max_tokens  # official: inputs cut to max_input_length
+    data = [(tokenizer(p + text)["input_ids"][:cut], y) for (p, text), y in labelled.items()]
     classifier = copy.deepcopy(model)
     head = nn.Linear(classifier.config.hidden_size, 2).to(classifier.device)
     parameters = [p for p in classifier.parameters() if p.requires_grad] + list(head.parameters())
     optimizer = torch.optim.AdamW(parameters, lr=args.rerank_lr, eps=1e-8, weight_decay=0.0)
     total = args.rerank_epochs * -(-len(data) // args.rerank_batch_size)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min((s + 1) / (0.1 * total), (total - s) / (0.9 * total)))
-    classifier.eval()  # dropout off
+    classifier.train()  # dropout on while it trains, as the official loop (off to score, below)
     for _ in tqdm(range(args.rerank_epochs), desc="rerank classifier", leave=False):
         random.shuffle(data)
         for start in range(0, len(data), args.rerank_batch_size):
@@ -347,9 +360,11 @@ def rerank_accuracy(model, tokenizer, train_set, test_set, args):
             logits = head(last_token_hidden(classifier, input_ids, attention_mask))
             loss = nn.functional.cross_entropy(logits, torch.tensor([y for _, y in chunk], device=classifier.device))
             loss.backward()
+            torch.nn.utils.clip_grad_norm_(parameters, 1.0)  # official: clip_grad_norm 1
             optimizer.step()
             schedule.step()
             optimizer.zero_grad(set_to_none=True)
+    classifier.eval()
     prompts, completions, preds = sample_answers(model, tokenizer, test_set, args, n=args.vote_k, temperature=1.0)
     picks = []
     with torch.no_grad():
@@ -358,7 +373,7 @@ def rerank_accuracy(model, tokenizer, train_set, test_set, args):
             if not rows:
                 picks.append(None)
                 continue
-            ids = [tokenizer(prompts[j] + completions[j].text)["input_ids"] for j in rows]
+            ids = [tokenizer(prompts[j] + completions[j].text)["input_ids"][:cut] for j in rows]
             input_ids, attention_mask, _ = batch_sequences(ids, [[]] * len(ids), tokenizer.pad_token_id, classifier.device)
             p_correct = head(last_token_hidden(classifier, input_ids, attention_mask)).softmax(-1)[:, 1]
             picks.append(preds[rows[p_correct.argmax().item()]])

@@ -20,6 +20,11 @@ the metrics of 5.4 for the starting model and after each stage, and the ablation
 reports its last step (the paper: the highest training reward); fixed beta2; one pass I -> II; no coverage trick;
 MATH trains on its train split (the paper adds 4500 test problems, tests on MATH500); no MBPP-R; programs run in a
 sandboxed subprocess. Toy only: the format warm-up and --restate (see format_warmup).
+Two more of our choices (the paper is silent): an attempt cut at --max_new_tokens is graded as it
+stands (usually no final answer: reward 0), with no other penalty, all its tokens scored, and
+attempt 2 reads it as cut; an attempt ended by a stop string (plain format: MBPP's `[DONE]`,
+HumanEval's `\\ndef`, ...) is graded without it, but the stop string's tokens stay in the scored
+attempt: they are the action that ended it, as EOS is, so log pi(y|x) includes the choice to stop.
 """
 import json
 import os

@@ -5,12 +5,13 @@ arXiv 2309.08589 (2023); no official code (PAPERS.md section 6).
 
 A model learns addition of 1..N0-digit numbers from ground truth in two modes: fast (the sum
 directly) and slow (one chain-of-thought step that emits the last digit of the sum and leaves a
-problem one digit shorter). Then it teaches itself longer numbers with no ground truth at all: for
-N = N0+1, N0+2, ... it labels fresh N-digit problems with simplify-then-guess (k slow steps, then a
-fast guess of what is left, for k = 0..K-1; majority vote), keeps a label only when a+b and b+a
-agree, and is fine-tuned to give those answers fast. Slow thinking plus the vote is a policy
-improvement operator: the slow policy of one model becomes the fast policy of the next. It stops
-when fast accuracy at the new length collapses (error avalanching).
+problem one digit shorter). Then it teaches itself longer numbers with no ground-truth answer (only
+their prompt width was supervised, with zeros; see the padding below): for N = N0+1, N0+2, ...,
+it labels fresh N-digit problems with simplify-then-guess (k slow steps, then a fast guess of what
+is left, for k = 0..K-1; majority vote), keeps a label only when a+b and b+a agree, and is
+fine-tuned to give those answers fast. Slow thinking plus the vote is a policy improvement
+operator: the slow policy of one model becomes the fast policy of the next. It stops when fast
+accuracy at the new length collapses (error avalanching).
 
     python sector.py                    # the paper's schedule: ground truth on 1..6 digits, self-taught up to 30
     python sector.py --preset toy       # CPU: ground truth on 1..3 digits, self-taught 4..8 (see README)
@@ -22,21 +23,27 @@ replay, fast-mode greedy evaluation on 100 problems per length, and the stop on 
 Our choices, where the paper's are unknown (PAPERS 6.2-6.3):
 - Formats: numbers are written least-significant digit first, the way a slow step reads them, and
   the carry-in is always written: fast `321+654+0=` -> `975` (123+456 = 579) and `321+654+1=` ->
-  `085` (580); slow `321+654+0>` -> `1;9`: the step's carry, then the emitted digit. The problem the
-  step leaves, `21+54+1` (12+45+1), is written by string surgery on the prompt (`shorten`: drop both
-  operands' first digits, write the new carry-in), not by the model: copying digits is not the skill
-  under study, and it keeps a slow step's output three characters long at any length. `>`
-  ("simplifies to") tells a slow prompt from a fast one. Base case: a slow step on 1-digit operands
-  leaves nothing; its carry is the sum's leading digit. n-digit operands are uniform in
-  [10^(n-1), 10^n); the carry-in c of a+b+c is 0 or 1. Why this order: written most-significant digit
-  first (`123+456=` -> `579`), `tiny`'s fast mode learnt 3-digit sums to only 61% in 50 curriculum
-  rounds and a self-taught length to 14% in 10 rounds. Reversed, digit i of the sum depends on digit
-  i of each operand, at the same distance back for every i, which is learnt several times faster;
-  writing `+0` keeps that distance the same with and without a carry-in.
+  `085` (580); slow `321+654+0>` -> `0;9` (3+6 = 9): the step's carry, then the emitted digit. The
+  problem the step leaves, `21+54+0` (12+45), is written by string surgery on the prompt
+  (`shorten`: drop both operands' first digits, write the new carry-in), not by the model: copying
+  digits is not the skill under study, and it keeps a slow step's output three characters long at
+  any length. `>` ("simplifies to") tells a slow prompt from a fast one. Base case: a slow step
+  on 1-digit operands leaves nothing; its carry is the sum's leading digit. n-digit operands are
+  uniform in [10^(n-1), 10^n); the carry-in c of a+b+c is 0 or 1. Why this order: written
+  most-significant digit first (`123+456=` -> `579`), `tiny`'s fast mode learnt 3-digit sums to
+  only 61% in 50 curriculum rounds and a self-taught length to 14% in 10 rounds. Reversed, digit i
+  of the sum depends on digit i of each operand, at the same distance back for every i, which is
+  learnt several times faster; writing `+0` keeps that distance the same with and without a
+  carry-in.
 - Prompts of the supervised phase, fast and slow, write both operands zero-padded to a random width
   up to `pad_width` (`7500+8600+1=` -> `6210`, `7500+8600+1>` -> `1;6`). The values still have at
   most N0 digits: no digit beyond the N0-th is ever nonzero in a ground-truth example, and fast
-  accuracy at N0+1 digits stays 0 until self-training (see README). Why, for `tiny`:
+  accuracy at N0+1 digits stays 0 until self-training (see README). So the firewall holds for
+  answers, not for widths: the replayed supervised pairs keep their padding, a self-taught length
+  up to `pad_width` has been seen as a prompt width (zeros in the high digits), and what is
+  self-taught is the arithmetic on nonzero digits beyond the N0-th. At the toy's 7-digit step
+  (`pad_width` 8), 12.5% of the replayed pairs (a quarter of the replayed ground-truth ones) are
+  written 7 or 8 digits wide. Why, for `tiny`:
   unpadded (and most-significant digit first), the slow step was right on 34% of 4-digit problems
   after training on 1..3 digits (it found the digits to add by their distance from the end, new at a
   new length) and S&G labels were 27% wrong, which the commutativity check cannot catch (the misread
@@ -52,7 +59,8 @@ Our choices, where the paper's are unknown (PAPERS 6.2-6.3):
   of the remaining problem, and writes the guess after the emitted digits (the answer's lowest). The slow steps are
   shared (greedy decoding makes candidate k's first steps those of candidate k+1). A chain that
   reaches the base case gives its complete answer as its last candidate. Malformed outputs are
-  invalid votes; the label needs a strict majority (more than half of the candidates).
+  invalid votes, and so are the candidates a malformed slow step leaves unmade; the label needs a
+  strict majority of all the candidates (K, or n+1 for n-digit operands when n < K).
 - Commutativity: the labels of a+b and b+a must agree, and then both fast pairs are kept. The slow
   pairs (each order's first slow step) are kept when the answer derived after that step (candidate
   k=1) equals the label in both orders.
@@ -183,7 +191,8 @@ def supervised_pairs(problem, width=0):
 
 # ---------------------------------------------------------------- self-labelling (the firewall)
 # Everything from here to label_problems sees problems only as text and answers only from `solve`
-# (prompts -> completions of the model): no function that knows the sum is reachable.
+# (prompts -> completions of the model): no function that knows the sum is reachable. (Prompt widths
+# up to pad_width were supervised with zero high digits; see the module docstring.)
 SLOW_OUTPUT = re.compile(r"([01]);(\d)")
 
 
@@ -202,7 +211,7 @@ def simplify_then_guess(solve, texts, k):
         still = []
         for i, out in zip(active, solve([rests[i] + SLOW for i in active])):
             match = SLOW_OUTPUT.fullmatch(out)
-            if match is None:  # a malformed step ends the chain: later candidates do not exist
+            if match is None:  # a malformed step ends the chain: its later candidates vote invalid
                 continue
             if step == 0:
                 first_slow[i] = out
@@ -213,6 +222,10 @@ def simplify_then_guess(solve, texts, k):
             else:  # nothing is left: the carry is the leading digit and the chain has the complete answer
                 candidates[i].append(tails[i] + ("1" if carry == "1" else ""))
         active = still
+    for text, answers in zip(texts, candidates):
+        # a broken chain's unmade candidates vote invalid: the majority stays one of all K (or of
+        # n+1 for n-digit operands, n < K), so a lone fast guess cannot win the vote by default
+        answers += [None] * (min(k, len(text.split("+")[0]) + 1) - len(answers))
     return candidates, first_slow
 
 
@@ -333,7 +346,7 @@ def main(argv=None):
     print(format_table(table), flush=True)
     save(model, tokenizer, args.out_dir, args)
 
-    # 2. Self-training: N = N0+1, N0+2, ... with no ground truth
+    # 2. Self-training: N = N0+1, N0+2, ... with no new ground truth
     for n in range(args.n0 + 1, args.max_digits + 1):
         for round_ in range(1, args.self_rounds + 1):
             # ALGO 2a. fresh n-digit problems, labelled by simplify-then-guess + commutativity

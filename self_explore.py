@@ -17,6 +17,7 @@ Implements 3.1 steps 1-10 (GSM8K) and Eq. (DPO) of 3.2 with its tokenisation; ev
 output under --out_dir, and a rerun resumes after the last finished stage.
 Quirks of the official code reproduced by default: EOS on chosen, not on rejected (--eos_on_rejected);
 a rejected text of several lines is cut before `The answer is` and stripped (--cut_rejected_answer).
+SFT and RFT as the official sft/: AdamW eps 1e-6, examples of 1024+ tokens dropped (not cut).
 Bugs not reproduced: the filter meant to drop chosen candidates that contain the rejected step tests
 list membership and never fires (here it tests the text: --drop_chosen_with_rejected_step); eval()
 of calculator annotations (here an AST evaluator of + - * /); the plumbing (1000 samples per process,
@@ -357,8 +358,14 @@ def supervised_stage(args, start, pairs, epochs, out_dir, logger):
     recipe = sft.Args(template="self_explore", loss_on_prompt=args.loss_on_prompt, epochs=epochs, lr=args.sft_lr,
                       warmup_ratio=args.sft_warmup_ratio, batch_size=args.sft_batch_size, out_dir=out_dir,
                       micro_batch_size=args.micro_batch_size, seed=args.seed,
+                      adam_eps=1e-6,  # official: transformers' AdamW, whose eps is 1e-6
                       schedule_epochs=args.sft_schedule_epochs)  # an early epoch of a 5-epoch decay
-    sft.train(model, tokenizer, pairs, recipe, logger=logger)
+    # official: an example of 1024+ tokens (question + answer, before EOS) is dropped, not cut
+    lengths = [sum(map(len, sft.encode_pair(tokenizer, *pair))) for pair in pairs]  # EOS included
+    kept = [pair for pair, n in zip(pairs, lengths) if n <= recipe.max_length]
+    name = os.path.basename(out_dir)
+    logger.log(f"{name} data", examples=len(kept), dropped_long=len(pairs) - len(kept))
+    sft.train(model, tokenizer, kept, recipe, logger=logger)
     save(model, tokenizer, out_dir, args)
 
 

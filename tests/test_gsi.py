@@ -213,3 +213,11 @@ def test_every_iteration_trains_the_base_model_on_hint_free_correct_samples(tmp_
     assert sorted(trained[1]) == sorted((plain(e), f"The answer is {e.answer}") for e in examples
                                         for _ in range(4 if e.question in easy else 2))  # D_1: plain prompts only
     assert [m["hard"] for m in metrics] == [6, 6] and metrics[0]["hard_resolved"] == 1.0
+
+
+def test_state_reset_cuts_gsm8k_by_lines_and_other_sets_by_token_share_as_the_official_code():
+    for task, unit in [("gsm8k", "lines"), ("data/inference/cot/gsm8k.json", "lines"),
+                       ("arith:n_train=4", "lines"), ("math", "tokens"),
+                       ("data/inference/cot/aqua_rat.json", "tokens")]:
+        assert gsi.reset_unit(gsi.Args(task=task)) == unit
+    assert gsi.reset_unit(gsi.Args(task="math", reset_by="lines")) == "lines"  # the flag wins

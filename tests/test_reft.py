@@ -137,7 +137,7 @@ def test_toy_smoke_run(tmp_path):
     save(model, tokenizer, str(tmp_path / "start"))
     out_dir = str(tmp_path / "reft")
     common = ["--preset", "toy", "--model", str(tmp_path / "start"), "--task", "arith:n_train=16,n_test=4", "--out_dir", out_dir,
-              "--max_total_tokens", "48", "--eval_max_new_tokens", "24"]
+              "--max_total_tokens", "48", "--eval_max_total_tokens", "48"]
     reft_ppo.main(common + ["--epochs", "1", "--rollout_batch_size", "8", "--micro_batch_size", "4"])
     metrics = [json.loads(line) for line in open(os.path.join(out_dir, "metrics.jsonl"))]
     rollouts = [m for m in metrics if m["step"].startswith("rollout")]
@@ -164,8 +164,43 @@ def test_under_lora_the_reference_is_the_warm_up_model(tmp_path):
                    "--warmup_schedule_epochs", "1", "--warmup_lr", "1e-2",
                    "--warmup_batch_size", "8",
                    "--epochs", "1", "--rollout_batch_size", "8", "--max_total_tokens", "40",
-                   "--eval_max_new_tokens", "4"])
+                   "--eval_max_total_tokens", "40"])
     metrics = [json.loads(line) for line in open(os.path.join(out_dir, "metrics.jsonl"))]
     assert [m for m in metrics if m["step"] == "sft 1"]  # the warm-up ran
     first = next(m for m in metrics if m["step"].startswith("rollout"))
     assert first["kl_k1"] == 0.0 and first["kl_k3"] == 0.0
+
+
+def test_greedy_evaluation_and_samples_keep_the_official_total_length_limits(llama):
+    model, tokenizer = llama  # random: it rarely emits EOS, so completions run to the limit
+    examples = load_task("arith:n_train=4,n_test=4", "test")
+    args = reft_ppo.Args(template="self_explore", eval_max_total_tokens=20, vote_max_total_tokens=26)
+    for n, temperature, total in ((1, 0.0, 20), (2, 1.0, 26)):  # official: 700 greedy, 1024 sampled
+        prompts, completions, _ = reft_ppo.sample_answers(model, tokenizer, examples, args, n, temperature)
+        longest = max(len(tokenizer(p)["input_ids"]) for p in prompts)
+        assert max(len(c.token_ids) for c in completions) == total - longest
+
+
+def test_rerank_classifier_trains_with_dropout_on_clipped_and_on_cut_inputs(llama, monkeypatch):
+    model, tokenizer = llama
+    calls, clips = [], []
+    forward = reft_ppo.last_token_hidden
+
+    def recorded(classifier, input_ids, attention_mask):
+        calls.append((classifier.training, input_ids.shape[1]))
+        return forward(classifier, input_ids, attention_mask)
+
+    def clip(parameters, max_norm):
+        clips.append(max_norm)
+        return torch.tensor(0.0)
+
+    monkeypatch.setattr(reft_ppo, "last_token_hidden", recorded)
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clip)
+    train, test = load_task("arith:n_train=4,n_test=2", "train"), load_task("arith:n_train=4,n_test=2", "test")
+    args = reft_ppo.Args(template="self_explore", rerank_samples=2, vote_k=2, rerank_epochs=1, rerank_batch_size=4,
+                         rerank_max_tokens=12, vote_max_total_tokens=40, rerank_lr=1e-4)
+    reft_ppo.rerank_accuracy(model, tokenizer, train, test, args)
+    training = [length for mode, length in calls if mode]
+    assert training and len(clips) == len(training) and set(clips) == {1.0}  # official: clip 1, model.train()
+    assert [mode for mode, _ in calls] == [True] * len(training) + [False] * (len(calls) - len(training))
+    assert max(length for _, length in calls) == 12  # official: max_input_length 700

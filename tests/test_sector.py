@@ -57,7 +57,8 @@ def test_slow_form_emits_the_carry_and_the_last_digit():
 
 
 def test_a_slow_step_leaves_the_shorter_problem():
-    assert sector.shorten("321+654+0", "1") == "21+54+1"  # 123+456: 12+45+1 is left
+    assert sector.shorten("321+654+0", "0") == "21+54+0"  # 123+456: 3+6 = 9, 12+45 is left
+    assert sector.shorten("321+654+0", "1") == "21+54+1"  # the step's carry, whatever it is
     assert sector.shorten("321+654+1", "0") == "21+54+0"  # the old carry-in is consumed by the step
     assert sector.shorten("21+54+0", "0") == "1+4+0"
     assert sector.shorten("7+5+1", "1") is None  # nothing is left of 1-digit operands
@@ -90,11 +91,18 @@ def test_vote_takes_the_strict_majority():
     assert sector.majority([]) is None
 
 
-def test_malformed_slow_step_ends_the_chain():
+def test_malformed_slow_step_ends_the_chain_and_its_unmade_candidates_vote_invalid():
     solve = scripted({"21+93+0=": "15", "21+93+0>": "1:1"})
     (candidates,), (first,) = sector.simplify_then_guess(solve, ["21+93+0"], 5)
-    assert candidates == ["15"] and first is None
-    assert sector.majority(candidates) == "15"
+    assert candidates == ["15", None, None] and first is None  # 2 digits: 3 candidates when whole
+    assert sector.majority(candidates) is None  # 1 of 3, not 1 of the 1 survivor
+
+
+def test_a_broken_slow_mode_keeps_no_label_from_a_consistent_fast_guess():
+    answers = {f"{text}{mode}": output for text in ("5432+1876+0", "1876+5432+0")
+               for mode, output in ((sector.FAST, "99999"), (sector.SLOW, "?"))}
+    pairs, labels, _ = sector.label_problems(scripted(answers), [(2345, 6781, 0)], 5)
+    assert labels == [None] and pairs == []  # 1 valid vote of K = 5 in each order
 
 
 def chain_answers(text, fast, slow, guess):

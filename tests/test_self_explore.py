@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import self_explore
-from common import Completion, load_model, load_task, save, token_logprobs
+from common import Completion, Logger, load_model, load_task, save, token_logprobs
 
 GOLD = "2+3=5\n5*4=20\n20-6=14\nThe answer is 14"
 
@@ -272,3 +272,21 @@ def test_sft_and_rft_decay_over_the_official_five_epochs(tmp_path):
     assert self_explore.sft.PRESETS["self_explore"]["schedule_epochs"] == args.sft_schedule_epochs
     with pytest.raises(SystemExit, match="--sft_schedule_epochs 1 ends the LR decay"):
         self_explore.main(["--sft_schedule_epochs", "1", "--out_dir", str(tmp_path / "run")])
+
+
+def test_sft_and_rft_take_the_official_adam_eps_and_drop_1024_token_examples(tmp_path, monkeypatch):
+    seen = {}
+
+    def train(model, tokenizer, pairs, recipe, logger=None):
+        seen.update(pairs=pairs, recipe=recipe)
+
+    monkeypatch.setattr(self_explore.sft, "train", train)
+    monkeypatch.setattr(self_explore, "save", lambda *args: None)
+    tokenizer = load_model("tiny")[1]
+    prompt, short = "1+2\n", "1+2=3\nThe answer is 3"
+    room = 1024 - len(tokenizer(prompt)["input_ids"]) - 1  # target bytes: 1024 tokens with EOS
+    pairs = [(prompt, short), (prompt, "1" * room), (prompt, "1" * (room + 1))]
+    out_dir = str(tmp_path / "sft")
+    self_explore.supervised_stage(self_explore.Args(), "tiny", pairs, 1, out_dir, Logger(out_dir))
+    assert seen["pairs"] == pairs[:2]  # official: len(question) + len(answer) >= 1024 is dropped
+    assert seen["recipe"].adam_eps == 1e-6  # official: transformers' AdamW default
