@@ -45,9 +45,7 @@ def _preset_help(presets):
     sentences = []
     for name, values in sorted(presets.items()):
         starts = [v for k, v in values.items() if k != "out_dir" and str(v).startswith("runs/")]
-        needs = ""
-        if starts:
-            needs = f"needs {', '.join(starts)} (`python sft.py --preset toy` writes it) and "
+        needs = "".join(f"needs {p} (`python sft.py --preset toy` writes it) and " for p in starts)
         settings = ", ".join(f"{key}={value}" for key, value in values.items())
         sentences.append(f"{name}: {needs}sets {settings}.")
     return " ".join(sentences).replace("%", "%%")
@@ -60,8 +58,7 @@ def _flag_meant(flag, names):
         short = "_".join(parts[:k] + ["".join(part[:1] for part in parts[k:])])
         if short in names:
             return short
-    word = "_".join(parts)
-    return next(iter(difflib.get_close_matches(word, names, n=1)), None)
+    return next(iter(difflib.get_close_matches("_".join(parts), names, n=1)), None)
 
 def parse_args(cls, presets=None, argv=None):
     """argparse from a dataclass, field docstrings as --help; explicit flags override `--preset NAME`'s values."""
@@ -69,8 +66,7 @@ def parse_args(cls, presets=None, argv=None):
     docs = {}  # a field's help: the string literal on the lines under it
     with contextlib.suppress(OSError, TypeError):  # no source code (a class typed into a notebook): no help
         docs = dict(re.findall(r'^ +(\w+):[^\n]*\n +"""(.*?)"""', inspect.getsource(cls), re.MULTILINE | re.DOTALL))
-    # --help opens with the class docstring (what the script does; not the dataclass's generated
-    # signature) and ends with the run lines of the script's own docstring
+    # --help: what the script does (not the generated `Args(...)`), then its docstring's run lines
     about = inspect.cleandoc(cls.__doc__ or "")
     about = "" if about.startswith(f"{cls.__name__}(") else about
     module_doc = getattr(sys.modules.get(cls.__module__), "__doc__", None) or ""
@@ -135,7 +131,6 @@ def check_trained(name, flag):
         fail(f"{flag} {name} is an untrained model, but this needs a fine-tuned one: pass a "
              f"checkpoint folder such as runs/toy-sft (`python sft.py --preset toy` writes it)")
 
-
 ALIASES = {  # the papers' base models
     "deepseek-math-7b": "deepseek-ai/deepseek-math-7b-base", "mistral-7b": "mistralai/Mistral-7B-v0.1",
     "llemma-7b": "EleutherAI/llemma_7b", "llama2-7b": "meta-llama/Llama-2-7b-hf", "qwen2.5-0.5b": "Qwen/Qwen2.5-0.5B",
@@ -190,17 +185,15 @@ def load_model(name_or_path, *, dtype=None, device=None, lora_rank=0, seed=0):
     return model.to(device), tokenizer
 
 def _check_hub(repo, name):
-    """A hub id with no folder of that name here: one quick request first, so that a typo or no
-    network stops at once instead of after the hub client's retries. The cache and offline mode
-    (HF_HUB_OFFLINE=1) are left to from_pretrained."""
+    """A hub id with no such folder here: one quick request, so that a typo or no network stops
+    at once, not after the hub client's retries (cache, HF_HUB_OFFLINE=1: from_pretrained's)."""
     from huggingface_hub import constants, errors, model_info, try_to_load_from_cache
     if constants.HF_HUB_OFFLINE or try_to_load_from_cache(repo, "config.json"):
         return
     try:
         model_info(repo, timeout=10)
     except errors.RepositoryNotFoundError:
-        fail(f"no folder {name!r} in {os.getcwd()} and no model {repo!r} on the hub: "
-             f"check the name")
+        fail(f"no folder {name!r} in {os.getcwd()} and no model {repo!r} on the hub: fix the name")
     except errors.HfHubHTTPError:
         return  # gated or rate-limited: from_pretrained says what the hub wants
     except Exception as error:  # no network
