@@ -2,6 +2,7 @@
 import argparse
 import contextlib
 import dataclasses
+import difflib
 import functools
 import inspect
 import json
@@ -39,14 +40,42 @@ def fail(message):
     """Stop with one clear sentence (bad flag, missing file, malformed data...)."""
     raise SystemExit(f"error: {message}")
 
+def _preset_help(presets):
+    """What each preset sets, and the checkpoint it starts from (a runs/ folder of a former run)."""
+    sentences = []
+    for name, values in sorted(presets.items()):
+        starts = [v for k, v in values.items() if k != "out_dir" and str(v).startswith("runs/")]
+        needs = "".join(f"needs {p} (`python sft.py --preset toy` writes it) and " for p in starts)
+        settings = ", ".join(f"{key}={value}" for key, value in values.items())
+        sentences.append(f"{name}: {needs}sets {settings}.")
+    return " ".join(sentences).replace("%", "%%")
+
+def _flag_meant(flag, names):
+    """The field an unknown flag most likely meant: one it abbreviates (--learning_rate: lr), or one
+    spelled alike (--seeds: seed); None if nothing is close."""
+    parts = flag.lstrip("-").partition("=")[0].split("_")
+    for k in range(len(parts) - 1):  # the last parts by their initials: --dpo_learning_rate: dpo_lr
+        short = "_".join(parts[:k] + ["".join(part[:1] for part in parts[k:])])
+        if short in names:
+            return short
+    return next(iter(difflib.get_close_matches("_".join(parts), names, n=1)), None)
+
 def parse_args(cls, presets=None, argv=None):
     """argparse from a dataclass, field docstrings as --help; explicit flags override `--preset NAME`'s values."""
     presets, fields = presets or {}, dataclasses.fields(cls)
     docs = {}  # a field's help: the string literal on the lines under it
     with contextlib.suppress(OSError, TypeError):  # no source code (a class typed into a notebook): no help
         docs = dict(re.findall(r'^ +(\w+):[^\n]*\n +"""(.*?)"""', inspect.getsource(cls), re.MULTILINE | re.DOTALL))
-    parser = argparse.ArgumentParser(description=(cls.__doc__ or "").strip())
-    parser.add_argument("--preset", choices=sorted(presets), help="a named set of overrides (see the script)")
+    # --help: what the script does (not the generated `Args(...)`), then its docstring's run lines
+    about = inspect.cleandoc(cls.__doc__ or "")
+    about = "" if about.startswith(f"{cls.__name__}(") else about
+    module_doc = getattr(sys.modules.get(cls.__module__), "__doc__", None) or ""
+    runs = re.findall(r"^ {4}((?:python|torchrun) .*)$", module_doc, re.MULTILINE)
+    epilog = "examples:\n" + "\n".join(f"  {line}" for line in runs) if runs else None
+    parser = argparse.ArgumentParser(usage="%(prog)s [-h] [--preset NAME] [--FLAG VALUE ...]",
+                                     description=about, epilog=epilog,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", choices=sorted(presets), help=_preset_help(presets))
     for f in fields:
         how = dict(action=argparse.BooleanOptionalAction) if f.type is bool else dict(type=f.type)
         parser.add_argument(f"--{f.name}", default=f.default, help=docs.get(f.name, "").replace("%", "%%"), **how)
@@ -54,7 +83,53 @@ def parse_args(cls, presets=None, argv=None):
     if unknown := set(presets.get(preset, {})) - {f.name for f in fields}:
         fail(f"preset {preset!r} sets unknown fields {sorted(unknown)}")
     parser.set_defaults(**presets.get(preset, {}))
-    return cls(**{name: value for name, value in vars(parser.parse_args(argv)).items() if name != "preset"})
+    values, extra = parser.parse_known_args(argv)
+    if extra:
+        meant = _flag_meant(extra[0], [f.name for f in fields])
+        fix = f"did you mean --{meant}?" if meant else "see --help for the flags"
+        fail(f"unknown argument {extra[0]!r}: {fix}")
+    return cls(**{name: value for name, value in vars(values).items() if name != "preset"})
+
+def check_args(args, positive=(), at_least_zero=()):
+    """The checks every script shares, before any work: the named fields are > 0 (or >= 0), and
+    --out_dir is a folder this process may write (an existing one, or one it may create)."""
+    for name in positive:
+        if not getattr(args, name) > 0:  # also catches nan
+            fail(f"--{name} is {getattr(args, name)}, but it must be above 0: "
+                 f"pass a positive value (the default is {getattr(type(args), name)})")
+    for name in at_least_zero:
+        if not getattr(args, name) >= 0:
+            fail(f"--{name} is {getattr(args, name)}, but it cannot be negative: pass 0 or more")
+    out_dir = args.out_dir
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        fail(f"--out_dir {out_dir!r} is a file, not a folder: pass a folder (new or existing)")
+    existing = os.path.abspath(out_dir)
+    while not os.path.isdir(existing):  # a new folder is created inside its nearest existing parent
+        existing = os.path.dirname(existing)
+    if not os.access(existing, os.W_OK | os.X_OK):
+        fail(f"--out_dir {out_dir!r} cannot be written ({existing} is read-only to this user): "
+             f"pass a folder you may write to")
+
+def check_context(model, tokenizer, prompts=None, **lengths):
+    """Stop before any work when a length flag (name=value) or a prompt does not fit the model's
+    context; `prompts` maps what they are ("test question") to the prompt texts."""
+    context = getattr(model.config, "max_position_embeddings", None) or math.inf
+    for flag, value in lengths.items():
+        if value > context:
+            fail(f"--{flag} {value} exceeds the model's context of {context} tokens: "
+                 f"lower it to {context} or less")
+    for what, texts in (prompts or {}).items():
+        sizes = [len(ids) for ids in tokenizer(list(texts))["input_ids"]] if texts else []
+        if sizes and max(sizes) >= context:  # generate() needs room for at least one new token
+            longest = sizes.index(max(sizes))
+            fail(f"{what} {longest + 1} takes {max(sizes)} tokens with its prompt, but the model's "
+                 f"context is {context}: shorten or drop it, or use a model with a longer context")
+
+def check_trained(name, flag):
+    """Stop when `flag` names the freshly initialised `tiny` where a trained start is needed."""
+    if name.partition(":")[0] == "tiny":
+        fail(f"{flag} {name} is an untrained model, but this needs a fine-tuned one: pass a "
+             f"checkpoint folder such as runs/toy-sft (`python sft.py --preset toy` writes it)")
 
 ALIASES = {  # the papers' base models
     "deepseek-math-7b": "deepseek-ai/deepseek-math-7b-base", "mistral-7b": "mistralai/Mistral-7B-v0.1",
@@ -93,6 +168,8 @@ def load_model(name_or_path, *, dtype=None, device=None, lora_rank=0, seed=0, fr
     elif source.startswith((".", "/", "~", "runs/")) and not os.path.isdir(source):  # a path: fail now, not at the hub
         fail(f"no checkpoint folder {name_or_path!r} (`python sft.py --preset toy` writes runs/toy-sft)")
     elif os.path.isdir(source) or re.fullmatch(r"[\w.-]+/[\w.-]+", source):
+        if not os.path.isdir(source):
+            _check_hub(source, name_or_path)
         try:
             tokenizer = AutoTokenizer.from_pretrained(source)
             check_memory(AutoConfig.from_pretrained(source), device, full * (16 + 2 * reference))
@@ -139,6 +216,22 @@ def autocast(model):
     unwrapped = getattr(model, "module", model)  # DDP keeps the model in .module
     dtype = getattr(unwrapped, "compute_dtype", torch.float32)
     return torch.autocast(unwrapped.device.type, dtype=dtype, enabled=dtype != torch.float32)
+
+def _check_hub(repo, name):
+    """A hub id with no such folder here: one quick request, so that a typo or no network stops
+    at once, not after the hub client's retries (cache, HF_HUB_OFFLINE=1: from_pretrained's)."""
+    from huggingface_hub import constants, errors, model_info, try_to_load_from_cache
+    if constants.HF_HUB_OFFLINE or try_to_load_from_cache(repo, "config.json"):
+        return
+    try:
+        model_info(repo, timeout=10)
+    except errors.RepositoryNotFoundError:
+        fail(f"no folder {name!r} in {os.getcwd()} and no model {repo!r} on the hub: fix the name")
+    except errors.HfHubHTTPError:
+        return  # gated or rate-limited: from_pretrained says what the hub wants
+    except Exception as error:  # no network
+        fail(f"no folder {name!r} in {os.getcwd()}, and the hub is out of reach "
+             f"({type(error).__name__}): check the path, or the network for a hub model")
 
 class LoRALinear(nn.Module):
     """y = W x + (alpha / r) B A x with W frozen; B starts at zero so the wrapped layer starts as W."""
@@ -299,7 +392,7 @@ def _generate_batch(model, tokenizer, prompts, max_new_tokens, temperature, top_
     for _ in range(int(max(0, min(max_new_tokens, limit - mask.shape[1])))):
         with autocast(model):
             logits = model(input_ids=step_ids, attention_mask=mask, position_ids=positions,
-                           past_key_values=cache, use_cache=True,
+                           cache=cache, use_cache=True,
                            logits_to_keep=1).logits[:, -1].float()
         if temperature > 0:
             probs = torch.softmax(logits / temperature, dim=-1)
@@ -336,7 +429,8 @@ def generate(model, tokenizer, prompts, *, max_new_tokens, temperature=0.0, top_
     order = sorted(range(len(rows)), key=lambda i: -len(rows[i]))  # batch similar lengths: less padding
     was_training, completions, batch_size = model.training, [], batch_size or max(len(rows), 1)
     model.eval()
-    for start in tqdm(range(0, len(rows), batch_size), desc="generate", leave=False, disable=len(rows) <= batch_size or None):
+    one_batch = dict(disable=True) if len(rows) <= batch_size else {}  # else TQDM_DISABLE decides
+    for start in tqdm(range(0, len(rows), batch_size), desc="generate", leave=False, **one_batch):
         batch = [rows[i] for i in order[start:start + batch_size]]
         completions += _generate_batch(model, tokenizer, batch, max_new_tokens, temperature, top_p,
                                        stop, max_total_tokens)
@@ -483,8 +577,9 @@ class Logger:
             os.makedirs(out_dir, exist_ok=True)
 
     def log(self, step, **metrics):
-        print(f"[{step}]", *(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()),
-              flush=True)
+        values = [f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                  for k, v in metrics.items()]
+        tqdm.write(" ".join([f"[{step}]", *values]))  # above any open progress bar, not glued to it
         self.samples([{"step": step, **metrics}], "metrics.jsonl")
 
     def samples(self, rows, name="samples.jsonl"):

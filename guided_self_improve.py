@@ -39,16 +39,20 @@ from collections import Counter
 from dataclasses import dataclass
 
 import torch
+from tqdm.auto import tqdm
 
 import sft
-from common import (RANK, WORLD, Logger, evaluate, extract_answer, fail, generate, is_equiv, load_model, load_task,
-                    parse_args, save)
+from common import (RANK, WORLD, Logger, check_context, check_trained, evaluate, extract_answer,
+                    fail, generate, is_equiv, load_model, load_task, parse_args, save)
+from common import check_args as check_common
 
 STRATEGIES = ("none", "brute_force", "answer_driven", "rationale_driven", "state_reset", "interactive")
 
 
 @dataclass
 class Args:
+    """Run GSI: sample, keep the correct answers, fine-tune, repeat; Socratic hints re-sample the
+    questions the model rarely solves. Logs accuracy, cost and the tail per iteration."""
     model: str = "llama3-8b"  # paper: Llama3-8B (figures: also Llama2-7B, DeepSeek-Math-7B, Mistral-7B)
     """base model every iteration starts from: an alias, a hub id, a local checkpoint, or tiny"""
     task: str = "gsm8k"  # paper: AQuA, GSM8K and MATH training questions
@@ -63,7 +67,8 @@ class Args:
     teacher: str = ""  # paper: Llama-3-70B-Instruct
     """interactive only: the teacher model (a path, alias or hub id), or `self` for the current policy"""
     template: str = "gsi"  # paper: "Below is a math problem, please give a step-by-step answer. ..."
-    """plain prompt and gold target format (sft.TEMPLATES); every training pair uses its plain prompt"""
+    """plain prompt and gold target format: gsi (the paper), reft or self_explore; every training
+    pair uses its plain prompt"""
     out_dir: str = "runs/gsi"
     """run folder: metrics.jsonl, each iteration's model (iter-t) and samples (samples-t.jsonl)"""
     iterations: int = 4  # paper: t = 0..3
@@ -246,7 +251,7 @@ def collect_samples(examples, args, sample_fn, plain, reference, teacher_fn=None
     add(repeat(range(len(examples))), repeat(prompts), sample_fn(prompts, n), [""] * n * len(examples), False)
     # 4-5. re-sample the hard questions, one sample each per round; the hard set is recomputed every round
     rounds = {"none": 0, "brute_force": args.brute_force_rounds}.get(args.strategy, args.guided_rounds)
-    for round_index in range(rounds):
+    for round_index in tqdm(range(rounds), desc="re-sample hard questions", leave=False):
         hard = hard_questions(pools, args.min_correct)
         if not hard:
             break
@@ -306,6 +311,10 @@ def iteration_metrics(args, pools, hard_at_start, hard_at_iter0, pairs):
 
 def check_args(args):
     """Bad flags stop before any work."""
+    check_common(args, positive=["n_samples", "temperature", "max_new_tokens", "sample_batch_size",
+                                 "epochs", "lr", "batch_size", "micro_batch_size", "max_length"],
+                 at_least_zero=["n_questions", "guided_rounds", "brute_force_rounds",
+                                "train_sequences", "lora_rank"])
     if args.strategy not in STRATEGIES:
         fail(f"unknown --strategy {args.strategy!r}: use one of {', '.join(STRATEGIES)}")
     if args.template not in sft.TEMPLATES:
@@ -318,6 +327,11 @@ def check_args(args):
         fail(f"--min_correct {args.min_correct} must lie in 1..--n_samples ({args.n_samples})")
     if args.iterations < 1:
         fail("--iterations must be at least 1 (iteration 0 is the SFT model)")
+    if args.train_sequences and args.epochs != Args.epochs:
+        fail(f"--epochs {args.epochs} has no effect with --train_sequences {args.train_sequences} "
+             f"(the toy preset sets it): drop --epochs, or pass --train_sequences 0 to use it")
+    if args.sft_model:  # sampled from at once: it must already solve some questions
+        check_trained(args.sft_model, "--sft_model")
 
 
 def main(argv=None):
@@ -329,8 +343,14 @@ def main(argv=None):
     sft_set = [] if args.sft_model else load_task(args.sft_task or args.task, "train")
     if args.strategy == "interactive" and args.teacher != "self":
         teacher, teacher_tokenizer = load_model(args.teacher, seed=args.seed, frozen=True)
-    logger = Logger(args.out_dir)
     plain = lambda e: sft.prompt_for(args.template, e.question)
+    # PLUMBING: the first model, loaded once here, says whether prompts and lengths fit its context
+    first, tokenizer = load_model(args.sft_model or args.model, seed=args.seed, frozen=True)
+    prompts = {"test question": [plain(e) for e in test_set],
+               "training question": [plain(e) for e in questions]}
+    check_context(first, tokenizer, prompts, max_length=args.max_length)
+    del first
+    logger = Logger(args.out_dir)
     reference = lambda e: sft.target_for(args.template, e)  # the gold rationale, ending in "The answer is x"
     recipe = sft.Args(template=args.template, epochs=1 if args.train_sequences else args.epochs, lr=args.lr,
                       warmup_ratio=args.warmup_ratio, batch_size=args.batch_size, micro_batch_size=args.micro_batch_size,

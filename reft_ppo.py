@@ -46,13 +46,15 @@ from tqdm.auto import tqdm
 
 import sft
 from common import (RANK, Logger, adapters_disabled, all_reduce, autocast, batch_sequences,
-                    extract_answer, fail, gather, generate, gradient_checkpointing, load_model,
-                    load_task, normalize_answer, parse_args, run_sandboxed, save, shard,
-                    token_logprobs, wrap_model)
+                    check_args, check_context, check_trained, extract_answer, fail, gather,
+                    generate, gradient_checkpointing, load_model, load_task, normalize_answer,
+                    parse_args, run_sandboxed, save, shard, token_logprobs, wrap_model)
 
 
 @dataclass
 class Args:
+    """Train a model with ReFT (SFT warm-up, then PPO on its own sampled answers), or score one with
+    Voting@k or Rerank@k."""
     model: str = "codellama-7b"  # paper: CodeLlama-7B and Galactica-6.7B
     """base model (or an already warmed-up checkpoint with --warmup_epochs 0)"""
     task: str = "gsm8k"
@@ -60,7 +62,7 @@ class Args:
     cot: str = "nl"
     """nl: natural-language CoT with an answer trigger; program: the model writes def solution()"""
     template: str = "reft"
-    """prompt template (sft.TEMPLATES); reft for the paper"""
+    """prompt template: reft (the paper), self_explore or gsi"""
     mode: str = "train"
     """train: warm-up + PPO; vote: Voting@k of --model; rerank: Rerank@k of --model"""
     out_dir: str = "runs/reft"
@@ -383,11 +385,22 @@ def rerank_accuracy(model, tokenizer, train_set, test_set, args):
 # ---------------------------------------------------------------- main
 def main(argv=None):
     args = parse_args(Args, PRESETS, argv)
-    if args.cot not in ("nl", "program") or args.mode not in ("train", "vote", "rerank") or args.template not in sft.TEMPLATES:
-        fail(f"bad --cot {args.cot!r}, --mode {args.mode!r} or --template {args.template!r}: "
-             f"use nl|program, train|vote|rerank and one of {', '.join(sft.TEMPLATES)}")
+    if args.cot not in ("nl", "program"):
+        fail(f"unknown --cot {args.cot!r}: use nl or program")
+    if args.mode not in ("train", "vote", "rerank"):
+        fail(f"unknown --mode {args.mode!r}: use train, vote or rerank")
+    if args.template not in sft.TEMPLATES:
+        fail(f"unknown --template {args.template!r}: use one of {', '.join(sft.TEMPLATES)}")
     if args.value_head_init not in ("zero", "default"):
         fail(f"unknown --value_head_init {args.value_head_init!r}: use zero or default")
+    check_args(args, positive=["warmup_lr", "warmup_batch_size", "epochs", "rollout_batch_size",
+                               "micro_batch_size", "ppo_epochs", "lr", "max_prompt_tokens",
+                               "max_total_tokens", "eval_max_total_tokens", "vote_max_total_tokens",
+                               "vote_k", "rerank_samples", "rerank_max_tokens", "rerank_lr", "rerank_epochs", "rerank_batch_size"],
+               at_least_zero=["warmup_epochs", "warmup_schedule_epochs", "n_train", "n_eval",
+                              "lora_rank"])
+    if args.mode != "train" or args.warmup_epochs == 0:  # PPO, Voting, Rerank need a trained start
+        check_trained(args.model, "--model")
     random.seed(args.seed)
     torch.manual_seed(args.seed)
     # PLUMBING: data, then the model, before any work
@@ -395,6 +408,9 @@ def main(argv=None):
     train_set, test_set = train_set[:args.n_train or None], test_set[:args.n_eval or None]
     model, tokenizer = load_model(args.model, lora_rank=args.lora_rank, seed=args.seed,
                                   reference=args.mode == "train")  # PPO keeps a frozen reference
+    test_prompts = [make_prompt(args, ex.question) for ex in test_set]
+    check_context(model, tokenizer, {"test question": test_prompts},
+                  max_total_tokens=args.max_total_tokens)
     kept = [ex for ex in train_set if len(tokenizer(make_prompt(args, ex.question))["input_ids"]) <= args.max_prompt_tokens]
     print(f"{len(kept)} training questions ({len(train_set) - len(kept)} dropped: prompt over {args.max_prompt_tokens} "
           f"tokens), {len(test_set)} test questions")

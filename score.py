@@ -38,9 +38,10 @@ from dataclasses import dataclass
 import torch
 
 import sft
-from common import (RANK, Logger, adapters_disabled, all_reduce, batch_sequences, extract_answer, fail, gather, generate,
-                    gradient_checkpointing, is_equiv, load_model, load_task, parse_args, run_sandboxed, save, shard,
-                    token_logprobs, wrap_model)
+from common import (RANK, Logger, adapters_disabled, all_reduce, batch_sequences, check_args,
+                    check_context, check_trained, extract_answer, fail, gather, generate,
+                    gradient_checkpointing, is_equiv, load_model, load_task, parse_args,
+                    run_sandboxed, save, shard, token_logprobs, wrap_model)
 from self_explore import edit_distance
 
 MATH_PROMPT = ("You are a math expert. When you respond, respond only with the Solution of the final Problem, thinking "
@@ -58,6 +59,8 @@ HUMANEVAL_STOP = ("\nclass", "\ndef", "\n#", "\nif", "\nprint")  # the Codex pap
 
 @dataclass
 class Args:
+    """Train a model with SCoRe to correct its own first answer in a second attempt (Stage I, then
+    Stage II), and report both attempts' greedy accuracy at the start and after each stage."""
     model: str = "deepseek-ai/deepseek-math-7b-instruct"  # paper: Gemini 1.5 Flash (closed)
     """starting model: an instruction-following model, or an SFT checkpoint (the format of --template)"""
     task: str = "math"  # paper: MATH; --preset code: MBPP
@@ -65,7 +68,8 @@ class Args:
     eval_task: str = ""  # paper: MATH500; --preset code: HumanEval
     """task whose test split is evaluated ('' = the test split of --task)"""
     template: str = "score"
-    """first-turn prompt: score (the paper's zero-shot MATH prompt) or an sft.py template (self_explore for the toy)"""
+    """first-turn prompt: score (the paper's zero-shot MATH prompt), or the format a starting SFT
+    model was trained with: reft, self_explore (the toy) or gsi"""
     instruction: str = ""  # paper: Appendix C
     """correction instruction p1 ('' = the paper's, for math or for code)"""
     restate: bool = False  # toy only, a deviation
@@ -75,7 +79,8 @@ class Args:
     out_dir: str = "runs/score"
     """where the checkpoints of each stage, metrics.jsonl and samples.jsonl go"""
     format_warmup_epochs: int = 0  # toy only, a deviation
-    """SFT epochs teaching the two-turn format before RL, on self-generated second attempts (0: none; see format_warmup)"""
+    """SFT epochs teaching the two-turn format before RL, on self-generated second attempts
+    (0: none; the toy's SFT model has never seen a second turn)"""
     format_warmup_lr: float = 3e-4
     """learning rate of the format warm-up"""
     format_warmup_questions: int = 2000
@@ -409,6 +414,12 @@ def main(argv=None):
         fail("bad --baseline, --kl_estimator or --stage2_reference: use loo|none, k1|k3, base|stage1")
     if args.template != "score" and args.template not in sft.TEMPLATES:
         fail(f"unknown --template {args.template!r}: use score or one of {', '.join(sft.TEMPLATES)}")
+    check_args(args, positive=["format_warmup_lr", "format_warmup_questions", "batch_size",
+                               "samples_per_prompt", "micro_batch_size", "lr", "max_new_tokens",
+                               "sample_batch_size"],
+               at_least_zero=["format_warmup_epochs", "n_train", "n_eval", "stage1_steps",
+                              "stage2_steps", "lora_rank"])
+    check_trained(args.model, "--model")  # the paper starts from an instruction-following model
     if args.batch_size % args.samples_per_prompt or (args.baseline == "loo" and args.samples_per_prompt < 2):
         fail("--batch_size must be a multiple of --samples_per_prompt, which must be at least 2 with --baseline loo")
     random.seed(args.seed)
@@ -419,6 +430,8 @@ def main(argv=None):
         fail(f"no problems in {args.task!r} (train) or {args.eval_task or args.task!r} (test)")
     model, tokenizer = load_model(args.model, lora_rank=args.lora_rank, seed=args.seed,
                                   reference=True)  # seeds torch
+    first_turns = [render(tokenizer, [p.user], args) for p in test_set]
+    check_context(model, tokenizer, {"test problem": first_turns})
     if RANK > 0:  # each rank its own sampling stream (ReFT's code: seed + rank)
         torch.manual_seed(args.seed + RANK)
     logger = Logger(args.out_dir)

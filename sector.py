@@ -90,13 +90,15 @@ from collections import Counter
 from dataclasses import dataclass
 
 import sft
-from common import Logger, fail, generate, load_model, parse_args, save
+from common import Logger, check_args as check_common, fail, generate, load_model, parse_args, save
 
 FAST, SLOW = "=", ">"  # the prompt's last character picks the mode
 
 
 @dataclass
 class Args:
+    """Run SECToR: learn short additions from ground truth, then teach longer ones to itself with
+    chain-of-thought and no ground truth; logs fast-mode accuracy per length."""
     model: str = "tiny"
     """a causal LM: tiny (from scratch), a local checkpoint, a hub id or an alias"""
     out_dir: str = "runs/sector"
@@ -112,7 +114,8 @@ class Args:
     sup_problems: int = 4000  # our choice
     """fresh ground-truth problems per curriculum round"""
     pad_width: int = 32  # our choice
-    """zero-pad both operands of ground-truth prompts to a random width up to this (1: none; see docstring)"""
+    """zero-pad both operands of ground-truth prompts to a random width up to this (1: none);
+    it lets the fast mode use what it learnt at new lengths"""
     candidates: int = 5  # paper: K = 5
     """K, the simplify-then-guess candidates (0..K-1 slow steps each)"""
     n_problems: int = 4000  # our choice
@@ -314,6 +317,9 @@ def check_args(args, model):
 
 def main(argv=None):
     args = parse_args(Args, {"toy": TOY}, argv)
+    check_common(args, positive=["max_rounds", "self_rounds", "lr", "batch_size",
+                                 "micro_batch_size", "gen_batch_size"],
+                 at_least_zero=["replay", "warmup_ratio"])
     # PLUMBING: model, logger, the fixed evaluation sets
     model, tokenizer = load_model(args.model, seed=args.seed)
     check_args(args, model)

@@ -44,13 +44,18 @@ from dataclasses import dataclass
 import torch
 
 import sft
-from common import (RANK, Logger, all_reduce, batch_sequences, evaluate, extract_answer, fail, gather, generate,
-                    gradient_checkpointing, is_equiv, load_model, load_task, parse_args, save, shard, token_logprobs,
-                    wrap_model)
+from tqdm.auto import tqdm
+
+from common import (RANK, Logger, all_reduce, batch_sequences, check_args, check_context,
+                    check_trained, evaluate, extract_answer, fail, gather, generate,
+                    gradient_checkpointing, is_equiv, load_model, load_task, parse_args, save,
+                    shard, token_logprobs, wrap_model)
 
 
 @dataclass
 class Args:
+    """Run Self-Explore: SFT, sample, RFT, find each wrong rationale's first pit, step-level DPO;
+    logs each stage's greedy accuracy, and a rerun resumes after the last finished stage."""
     model: str = "deepseek-math-7b"  # paper: Mistral-7B, Llemma-7B, DeepSeek-Math-7B-base
     """base model that SFT starts from: an alias, a hub id, a local checkpoint, or tiny"""
     task: str = "gsm8k"  # paper: GSM8K (MATH's step split is not implemented)
@@ -313,7 +318,8 @@ def train_dpo(model, tokenizer, data, args, logger):
     rng = random.Random(args.seed)
     for epoch in range(1, args.dpo_epochs + 1):
         order, sums = rng.sample(range(len(data)), len(data)), torch.zeros(4, device=model.device)
-        for start in range(0, len(data), args.dpo_batch_size):
+        batches = range(0, len(data), args.dpo_batch_size)
+        for start in tqdm(batches, desc=f"dpo epoch {epoch}", leave=False):
             batch = shard(order[start:start + args.dpo_batch_size])  # this rank's share
             for rows in (batch[i:i + size] for i in range(0, len(batch), size)):
                 losses, rewards = dpo_loss(pair_logprobs(policy, [data[i] for i in rows], tokenizer.pad_token_id),
@@ -384,13 +390,26 @@ def main(argv=None):
     if 0 < args.sft_schedule_epochs < max(args.sft_epochs, args.rft_epochs):
         fail(f"--sft_schedule_epochs {args.sft_schedule_epochs} ends the LR decay before the last "
              f"SFT or RFT epoch: raise it, or pass 0 to decay over the epochs run")
+    check_args(args, positive=["sft_epochs", "rft_epochs", "sft_lr", "sft_batch_size", "n_samples",
+                               "max_new_tokens", "sample_batch_size", "max_rft_per_question",
+                               "explore_k", "beta", "dpo_lr", "dpo_epochs", "dpo_batch_size",
+                               "micro_batch_size", "max_length", "max_prompt_length"],
+               at_least_zero=["n_val", "lora_rank"])
+    if args.sft_model:  # sampled from at once: it must already solve some questions
+        check_trained(args.sft_model, "--sft_model")
     # PLUMBING: the data first, so a bad name stops before any work; the validation slice is held out
     train_set, test_set = load_task(args.task, "train"), load_task(args.task, "test")
     if args.n_val >= len(train_set):
         fail(f"--n_val {args.n_val} leaves none of the {len(train_set)} training questions: lower it")
     train_set, val_set = train_set[:len(train_set) - args.n_val], train_set[len(train_set) - args.n_val:]
-    run, logger = args.out_dir, Logger(args.out_dir)
     prompt_of = lambda question: sft.prompt_for("self_explore", question)  # `{question}\n`
+    # PLUMBING: the first model, loaded once here, says whether prompts and lengths fit its context
+    first, tokenizer = load_model(args.sft_model or args.model, seed=args.seed, frozen=True)
+    prompts = {"test question": [prompt_of(ex.question) for ex in test_set],
+               "training question": [prompt_of(ex.question) for ex in train_set]}
+    check_context(first, tokenizer, prompts, max_length=args.max_length)
+    del first
+    run, logger = args.out_dir, Logger(args.out_dir)
 
     def report(name, path):  # greedy accuracy of a stage's model, measured once per run folder
         def measure():

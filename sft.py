@@ -30,8 +30,9 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from common import (WORLD, Logger, all_reduce, batch_sequences, evaluate, fail, gradient_checkpointing, load_model,
-                    load_task, parse_args, save, shard, token_logprobs, wrap_model)
+from common import (WORLD, Logger, all_reduce, batch_sequences, check_args, check_context, evaluate,
+                    fail, gradient_checkpointing, load_model, load_task, parse_args, save, shard,
+                    token_logprobs, wrap_model)
 
 TEMPLATES = {  # PAPERS 1.2: (prompt, target); the target gets EOS appended at tokenisation
     "reft": ("Question:\n{question}\nAnswer reasoning:\n", "{rationale}\nTherefore, the answer is: {answer}"),
@@ -52,12 +53,14 @@ def target_for(template, example):
 
 @dataclass
 class Args:
+    """Fine-tune a model on gold rationales (SFT); report greedy test accuracy after each epoch."""
     model: str = "codellama-7b"
-    """base model: an alias (see common.ALIASES), a hub id, a local checkpoint, or tiny"""
+    """base model: a paper's (codellama-7b, deepseek-math-7b, llama3-8b, mistral-7b, ...), a hub id,
+    a local checkpoint folder, or tiny (built in, untrained)"""
     task: str = "gsm8k"
     """arith, gsm8k, math, svamp, or a .jsonl/.json file"""
     template: str = "reft"
-    """prompt/target format (PAPERS 1.2): reft, self_explore or gsi"""
+    """prompt/target format: reft, self_explore or gsi (each paper's own)"""
     loss_on_prompt: bool = False
     """also train on the prompt tokens (Self-Explore's loss_on_prefix)"""
     out_dir: str = "runs/sft"
@@ -195,11 +198,16 @@ def main(argv=None):
     args = parse_args(Args, PRESETS, argv)
     if args.template not in TEMPLATES:
         fail(f"unknown template {args.template!r}: use one of {', '.join(TEMPLATES)}")
+    check_args(args, positive=["epochs", "lr", "batch_size", "micro_batch_size", "max_length",
+                               "eval_max_new_tokens", "eval_batch_size"],
+               at_least_zero=["schedule_epochs", "n_eval", "lora_rank"])
     random.seed(args.seed)
     # PLUMBING: data and model first, so a bad name stops before any work
     train_set, test_set = load_task(args.task, "train"), load_task(args.task, "test")
     test_set = test_set[:args.n_eval] if args.n_eval else test_set
     model, tokenizer = load_model(args.model, lora_rank=args.lora_rank, seed=args.seed)
+    test_prompts = [prompt_for(args.template, ex.question) for ex in test_set]
+    check_context(model, tokenizer, {"test question": test_prompts}, max_length=args.max_length)
     logger = Logger(args.out_dir)
     print(f"{args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters; "
           f"{len(train_set)} train / {len(test_set)} test examples of {args.task}")

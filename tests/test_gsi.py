@@ -208,7 +208,8 @@ def test_every_iteration_trains_the_base_model_on_hint_free_correct_samples(tmp_
     monkeypatch.setattr(gsi, "load_model", lambda name, **kw: loaded.append(name) or load_model(name, **kw))
     monkeypatch.setattr(gsi.sft, "train", lambda model, tokenizer, pairs, *a, **kw: trained.append(pairs))
     _, metrics = run_main(tmp_path, "answer_driven", "--iterations", "2", "--train_sequences", "0", "--epochs", "1")
-    assert loaded == ["tiny", "tiny"]  # iteration 1 restarts from the base model, not from iteration 0's
+    # the up-front context check's, then iteration 1 restarts from the base model, not iteration 0's
+    assert loaded == ["tiny", "tiny", "tiny"]
     assert trained[0] == [(plain(e), reference(e)) for e in examples]  # D_0: the gold rationales
     assert sorted(trained[1]) == sorted((plain(e), f"The answer is {e.answer}") for e in examples
                                         for _ in range(4 if e.question in easy else 2))  # D_1: plain prompts only
