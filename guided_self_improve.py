@@ -53,6 +53,8 @@ class Args:
     """base model every iteration starts from: an alias, a hub id, a local checkpoint, or tiny"""
     task: str = "gsm8k"  # paper: AQuA, GSM8K and MATH training questions
     """training questions to sample (and the test split to evaluate): gsm8k, math, arith or a .jsonl/.json file"""
+    test_task: str = ""
+    """test split: a .jsonl/.json file, a folder or a task ('' = --task's; a lone file has none)"""
     sft_task: str = ""  # paper: MathInstruct (CoT subset)
     """iteration-0 SFT data with gold rationales ('' = --task)"""
     sft_model: str = ""
@@ -315,7 +317,8 @@ def main(argv=None):
     args = parse_args(Args, PRESETS, argv)
     check_args(args)
     # PLUMBING: data and the teacher first, so a bad name stops before any work
-    questions, test_set = load_task(args.task, "train"), load_task(args.task, "test")
+    questions = load_task(args.task, "train")
+    test_set = load_task(args.task, "test", args.test_task)
     questions = questions[:args.n_questions] if args.n_questions else questions
     sft_set = [] if args.sft_model else load_task(args.sft_task or args.task, "train")
     if args.strategy == "interactive" and args.teacher != "self":

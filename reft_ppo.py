@@ -53,6 +53,8 @@ class Args:
     """base model (or an already warmed-up checkpoint with --warmup_epochs 0)"""
     task: str = "gsm8k"
     """gsm8k, svamp, arith, or a .jsonl/.json file (ReFT's {question, answer_cot, answer_value} works)"""
+    test_task: str = ""
+    """test split: a .jsonl/.json file, a folder or a task ('' = --task's; a lone file has none)"""
     cot: str = "nl"
     """nl: natural-language CoT with an answer trigger; program: the model writes def solution()"""
     template: str = "reft"
@@ -370,7 +372,8 @@ def main(argv=None):
     random.seed(args.seed)
     torch.manual_seed(args.seed)
     # PLUMBING: data, then the model, before any work
-    train_set, test_set = load_task(args.task, "train"), load_task(args.task, "test")
+    train_set = load_task(args.task, "train")
+    test_set = load_task(args.task, "test", args.test_task)
     train_set, test_set = train_set[:args.n_train or None], test_set[:args.n_eval or None]
     model, tokenizer = load_model(args.model, lora_rank=args.lora_rank, seed=args.seed)
     kept = [ex for ex in train_set if len(tokenizer(make_prompt(args, ex.question))["input_ids"]) <= args.max_prompt_tokens]

@@ -52,6 +52,8 @@ class Args:
     """base model that SFT starts from: an alias, a hub id, a local checkpoint, or tiny"""
     task: str = "gsm8k"  # paper: GSM8K (MATH's step split is not implemented)
     """gsm8k, arith, or a .jsonl/.json file with question, rationale and answer"""
+    test_task: str = ""
+    """test split: a .jsonl/.json file, a folder or a task ('' = --task's; a lone file has none)"""
     out_dir: str = "runs/self-explore"
     """run folder: every stage's JSONL and checkpoint; a rerun resumes from it"""
     sft_model: str = ""
@@ -368,7 +370,8 @@ def main(argv=None):
     if args.pairs not in ("gpair", "outcome"):
         fail(f"unknown --pairs {args.pairs!r}: use gpair (Self-Explore) or outcome (the DPO baseline)")
     # PLUMBING: the data first, so a bad name stops before any work; the validation slice is held out
-    train_set, test_set = load_task(args.task, "train"), load_task(args.task, "test")
+    train_set = load_task(args.task, "train")
+    test_set = load_task(args.task, "test", args.test_task)
     if args.n_val >= len(train_set):
         fail(f"--n_val {args.n_val} leaves none of the {len(train_set)} training questions: lower it")
     train_set, val_set = train_set[:len(train_set) - args.n_val], train_set[len(train_set) - args.n_val:]

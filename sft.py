@@ -56,6 +56,8 @@ class Args:
     """base model: an alias (see common.ALIASES), a hub id, a local checkpoint, or tiny"""
     task: str = "gsm8k"
     """arith, gsm8k, math, svamp, or a .jsonl/.json file"""
+    test_task: str = ""
+    """test split: a .jsonl/.json file, a folder or a task ('' = --task's; a lone file has none)"""
     template: str = "reft"
     """prompt/target format (PAPERS 1.2): reft, self_explore or gsi"""
     loss_on_prompt: bool = False
@@ -195,7 +197,8 @@ def main(argv=None):
         fail(f"unknown template {args.template!r}: use one of {', '.join(TEMPLATES)}")
     random.seed(args.seed)
     # PLUMBING: data and model first, so a bad name stops before any work
-    train_set, test_set = load_task(args.task, "train"), load_task(args.task, "test")
+    train_set = load_task(args.task, "train")
+    test_set = load_task(args.task, "test", args.test_task)
     test_set = test_set[:args.n_eval] if args.n_eval else test_set
     model, tokenizer = load_model(args.model, lora_rank=args.lora_rank, seed=args.seed)
     logger = Logger(args.out_dir)
