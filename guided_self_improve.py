@@ -142,6 +142,13 @@ STUDENT = ("Below is a correction to your previous solution. Review this careful
 
 
 # ---------------------------------------------------------------- ALGO: hints (4.2)
+def gold_solution(template, example):
+    """The gold rationale and the template's answer line, without GSM8K's `<<a=b>>` calculator
+    annotations (the official data, data/inference/cot/gsm8k.json, has none)."""
+    rationale = re.sub(r"<<[^<>]*>>", "", example.rationale)
+    return sft.target_for(template, example._replace(rationale=rationale))
+
+
 def answer_driven_prompt(template, example):
     """The plain prompt with the gold value after the question and one space, no label."""
     return sft.prompt_for(template, f"{example.question.strip()} {example.answer}")
@@ -325,7 +332,10 @@ def main(argv=None):
         teacher, teacher_tokenizer = load_model(args.teacher, seed=args.seed)
     logger = Logger(args.out_dir)
     plain = lambda e: sft.prompt_for(args.template, e.question)
-    reference = lambda e: sft.target_for(args.template, e)  # the gold rationale, ending in "The answer is x"
+
+    def reference(example):  # the gold rationale, ending in "The answer is x"
+        return gold_solution(args.template, example)
+
     recipe = sft.Args(template=args.template, epochs=1 if args.train_sequences else args.epochs, lr=args.lr,
                       warmup_ratio=args.warmup_ratio, batch_size=args.batch_size, micro_batch_size=args.micro_batch_size,
                       max_length=args.max_length, out_dir=args.out_dir, seed=args.seed)
