@@ -447,19 +447,22 @@ def majority_answer(answers):
     return max((a for a in answers if a is not None), key=lambda a: keys.count(normalize_answer(a)), default=None)
 
 def evaluate(model, tokenizer, examples, prompt_fn, *, max_new_tokens=512, n=1, temperature=0.7, batch_size=64,
-             stop=None):
-    """Greedy accuracy; with n > 1 also maj@n over n samples at `temperature`. Returns metrics + records."""
+             stop=None, extract=extract_answer, same=is_equiv):
+    """Greedy accuracy; with n > 1 also maj@n over n samples at `temperature`. Returns metrics +
+    records. A paper's own grader: extract(text) -> answer or None, same(answer, gold) -> bool."""
     prompts = [prompt_fn(example) for example in examples]
     settings = dict(max_new_tokens=max_new_tokens, batch_size=batch_size, stop=stop, sharded=True)  # torchrun: shares
     greedy = generate(model, tokenizer, prompts, **settings)
-    preds = [extract_answer(completion.text) for completion in greedy]
-    records = [dict(question=e.question, gold=e.answer, completion=c.text, pred=p, correct=is_equiv(p, e.answer))
-               for e, c, p in zip(examples, greedy, preds)]
+    preds = [extract(completion.text) for completion in greedy]
+    records = [dict(question=e.question, gold=e.answer, completion=c.text, pred=p,
+                    correct=same(p, e.answer)) for e, c, p in zip(examples, greedy, preds)]
     metrics = {"accuracy": sum(r["correct"] for r in records) / len(records)}
     if n > 1:
         samples = generate(model, tokenizer, prompts, temperature=temperature, n=n, **settings)
-        votes = [majority_answer([extract_answer(s.text) for s in samples[i:i + n]]) for i in range(0, len(samples), n)]
-        metrics[f"maj@{n}"] = sum(is_equiv(v, e.answer) for v, e in zip(votes, examples)) / len(examples)
+        answers = [extract(sample.text) for sample in samples]
+        votes = [majority_answer(answers[i:i + n]) for i in range(0, len(samples), n)]
+        n_right = sum(same(vote, example.answer) for vote, example in zip(votes, examples))
+        metrics[f"maj@{n}"] = n_right / len(examples)
     return metrics | {"records": records}
 
 def run_sandboxed(code, *, timeout=10.0, memory_mb=1024):
