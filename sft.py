@@ -22,6 +22,8 @@ accumulation is our choice); AdamW, linear warm-up then linear decay, gradient c
 Deviations (PAPERS 1.4): prompts are tokenised with the tokenizer's default BOS for every template
 (ReFT's code adds none), so that training and generate() see the same prompt tokens; the last epoch
 is the result (ReFT picks the best epoch on the test set); fp32 master weights, never pure bf16.
+Accuracy is graded by common.extract_answer/is_equiv for every preset (reft_ppo.py and
+self_explore.py grade by their papers' official rules, which can differ on the same outputs).
 """
 import math
 import random
