@@ -11,9 +11,11 @@ import os
 import random
 import re
 import resource
+import socket
 import subprocess
 import sys
 import tempfile
+import urllib.parse
 from collections import namedtuple
 from fractions import Fraction
 
@@ -321,24 +323,61 @@ def arith_task(split, steps, digits, n_train, n_test, seed):
     examples = list(unique.values())  # the first n_test are the test split
     return {"test": examples[:n_test], "train": examples[n_test:]}[split]
 
-def _record_to_example(record, where):
-    """An Example from a {question, rationale, answer}, GSM8K, MATH, SVAMP or ReFT record (the branches below)."""
+def read_records(path):
+    """(where, record) for each record of a .jsonl file or a .json file (a list, or one record)."""
+    if not os.path.isfile(path):
+        fail(f"no such file {path!r}: name an existing .jsonl/.json file or a folder of splits")
     try:
-        record = json.loads(record) if isinstance(record, str) else record
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except UnicodeDecodeError as error:
+        fail(f"{path} is not UTF-8 text (byte {error.start}): convert it to UTF-8")
+    if path.endswith(".json"):
+        try:
+            records = json.loads(text)
+        except json.JSONDecodeError as error:
+            fail(f"{path} is not valid JSON ({error.msg}, line {error.lineno}): fix it")
+        records = records if isinstance(records, list) else [records]
+        return [(f"{path} record {i}", record) for i, record in enumerate(records, 1)]
+    rows = []
+    for number, line in enumerate(text.split("\n"), 1):  # numbered as an editor numbers them
+        if not line.strip():
+            continue
+        try:
+            rows.append((f"{path} line {number}", json.loads(line)))
+        except json.JSONDecodeError as error:
+            fail(f"{path} line {number}: not valid JSON ({error.msg}); fix or delete that line")
+    return rows
+
+def _without_answer_line(rationale, answer):
+    """The rationale without a closing `The answer is x`, `Therefore, the answer is: x` or `#### x`
+    (GSI's answer_cot has one): the template appends it. ReFT's `... is <x>.` stays (official)."""
+    trigger = r"(?:####|(?:Therefore, )?the answer is:?)"
+    return re.sub(rf"\s*{trigger}\s*{re.escape(answer)}\.?\s*$", "", rationale, flags=re.IGNORECASE)
+
+def _record_to_example(record, where):
+    """An Example from a {question, rationale, answer}, GSM8K, MATH, SVAMP, ReFT or GSI record
+    ({question, answer_cot, answer_value}; no answer_cot in test files) or Self-Explore's {query,
+    response} (GSM8K's rationale and `#### x`)."""
+    try:
         if "problem" in record and "solution" in record:
             return Example(record["problem"], record["solution"], extract_answer(record["solution"]) or "")
         if "Body" in record:
             answer = f"{float(record['Answer']):g}"
             question = f"{record['Body'].strip()} {record['Question'].strip()}"
             return Example(question, f"{record['Equation'].strip()} = {answer}", answer)
-        if "answer_cot" in record:
-            return Example(record["question"], record["answer_cot"], str(record["answer_value"]))
+        if "answer_value" in record:
+            answer = str(record["answer_value"])
+            rationale = _without_answer_line(record.get("answer_cot", ""), answer)
+            return Example(record["question"], rationale, answer)
         if "rationale" in record:
-            return Example(record["question"], record["rationale"], str(record["answer"]))
-        rationale, final = record["answer"].rsplit("####", 1)
-        return Example(record["question"], rationale.strip(), final.strip().replace(",", ""))
-    except json.JSONDecodeError:
-        fail(f"{where}: not valid JSON")
+            answer = str(record["answer"])
+            rationale = _without_answer_line(record["rationale"], answer)
+            return Example(record["question"], rationale, answer)
+        question = record["query"] if "query" in record else record["question"]
+        solution = record["response"] if "response" in record else record["answer"]
+        rationale, final = solution.rsplit("####", 1)
+        return Example(question, rationale.strip(), final.strip().replace(",", ""))
     except (KeyError, TypeError, ValueError, AttributeError) as error:
         fail(f"{where}: missing or bad field {error}; each record needs question, rationale and answer, "
              f"or GSM8K's question and answer ending in '#### x'")
@@ -350,29 +389,52 @@ def with_knobs(name, defaults, example):
         fail(f"bad knobs in {name!r}: write e.g. {example} with knobs from {sorted(defaults)}")
     return defaults | {k: int(v) for k, v in overrides.items()}
 
-def load_task(name_or_path, split="train"):
-    """list[Example] from `arith[:knob=value,...]`, a hub task, a .jsonl/.json file or a folder of {split}.jsonl."""
+def load_task(name_or_path, split="train", test_task=""):
+    """list[Example] from `arith[:knob=value,...]`, a hub task, a folder of {split}.jsonl, or a
+    .jsonl/.json file, which is one split: a lone file's test split is only ever `test_task`."""
+    given = split == "test" and bool(test_task)  # an explicit test set: a lone file is that split
+    name_or_path = test_task if given else name_or_path
     if name_or_path.partition(":")[0] == "arith":
         examples = arith_task(split, **with_knobs(name_or_path, ARITH, "arith:steps=3,digits=1"))
     elif name_or_path in HUB_TASKS:
-        import datasets
-        try:
-            rows = datasets.load_dataset(*HUB_TASKS[name_or_path], split=split)
-        except Exception as error:  # offline, unknown split, ...: one sentence, not a traceback
-            fail(f"could not load {name_or_path!r} ({split}) from the hub: {type(error).__name__}; check the network")
-        examples = [_record_to_example(row, f"{name_or_path} row {i}") for i, row in enumerate(rows)]
+        examples = [_record_to_example(row, f"{name_or_path} row {i}")
+                    for i, row in enumerate(hub_rows(name_or_path, split))]
+    elif os.path.isdir(name_or_path):
+        path = os.path.join(name_or_path, f"{split}.jsonl")
+        examples = [_record_to_example(record, where) for where, record in read_records(path)]
+    elif name_or_path.endswith((".jsonl", ".json")):
+        records = read_records(name_or_path)
+        if split == "test" and not given:
+            not_a_test_set(name_or_path)
+        examples = [_record_to_example(record, where) for where, record in records]
     else:
-        path = os.path.join(name_or_path, f"{split}.jsonl") if os.path.isdir(name_or_path) else name_or_path
-        if not path.endswith((".jsonl", ".json")) or not os.path.isfile(path):
-            fail(f"unknown task {name_or_path!r}: use arith, gsm8k, math, svamp, or an existing .jsonl/.json file")
-        with open(path) as f:
-            records = json.load(f) if path.endswith(".json") else f.readlines()
-        records = records if isinstance(records, list) else [records]  # a .json of one record
-        examples = [_record_to_example(record, f"{path} line {i}") for i, record in enumerate(records, 1)
-                    if not isinstance(record, str) or record.strip()]
+        fail(f"unknown task {name_or_path!r}: use arith, gsm8k, math, svamp, a .jsonl/.json file "
+             f"or a folder")
     if not examples:
         fail(f"task {name_or_path!r} has no examples in split {split!r}")
     return examples
+
+def not_a_test_set(path):
+    fail(f"{path} is one split (train), not a test set: give a folder with train.jsonl and "
+         f"test.jsonl, or the test file with --test_task")
+
+def hub_rows(name, split, tasks=HUB_TASKS):
+    """Rows of tasks[name] through `datasets`; with the hub out of reach, from its cache only."""
+    import datasets
+    from huggingface_hub import constants
+    host = urllib.parse.urlparse(constants.ENDPOINT).hostname
+    try:  # one quick request first: datasets retries an unreachable hub for half a minute
+        socket.create_connection((host, 443), timeout=3).close()
+    except OSError:  # offline mode: a cached copy still loads, a missing one fails at once
+        constants.HF_HUB_OFFLINE = True
+        datasets.config.HF_HUB_OFFLINE = True
+    try:
+        return datasets.load_dataset(*tasks[name], split=split)
+    except Exception as error:  # offline, unknown split, ...: one sentence, not a traceback
+        where = "its cache (the hub is out of reach)" if constants.HF_HUB_OFFLINE else "the hub"
+        fail(f"could not load {name!r} ({split}) from {where}: {type(error).__name__}; "
+             f"check the network")
+
 
 # text (decoded, cut before a stop string), token_ids (generated only, EOS included), finished (not by the length cap)
 Completion = namedtuple("Completion", ["text", "token_ids", "finished"])
@@ -522,19 +584,22 @@ def majority_answer(answers):
     return max((a for a in answers if a is not None), key=lambda a: keys.count(normalize_answer(a)), default=None)
 
 def evaluate(model, tokenizer, examples, prompt_fn, *, max_new_tokens=512, n=1, temperature=0.7, batch_size=64,
-             stop=None):
-    """Greedy accuracy; with n > 1 also maj@n over n samples at `temperature`. Returns metrics + records."""
+             stop=None, extract=extract_answer, same=is_equiv):
+    """Greedy accuracy; with n > 1 also maj@n over n samples at `temperature`. Returns metrics +
+    records. A paper's own grader: extract(text) -> answer or None, same(answer, gold) -> bool."""
     prompts = [prompt_fn(example) for example in examples]
     settings = dict(max_new_tokens=max_new_tokens, batch_size=batch_size, stop=stop, sharded=True)  # torchrun: shares
     greedy = generate(model, tokenizer, prompts, **settings)
-    preds = [extract_answer(completion.text) for completion in greedy]
-    records = [dict(question=e.question, gold=e.answer, completion=c.text, pred=p, correct=is_equiv(p, e.answer))
-               for e, c, p in zip(examples, greedy, preds)]
+    preds = [extract(completion.text) for completion in greedy]
+    records = [dict(question=e.question, gold=e.answer, completion=c.text, pred=p,
+                    correct=same(p, e.answer)) for e, c, p in zip(examples, greedy, preds)]
     metrics = {"accuracy": sum(r["correct"] for r in records) / len(records)}
     if n > 1:
         samples = generate(model, tokenizer, prompts, temperature=temperature, n=n, **settings)
-        votes = [majority_answer([extract_answer(s.text) for s in samples[i:i + n]]) for i in range(0, len(samples), n)]
-        metrics[f"maj@{n}"] = sum(is_equiv(v, e.answer) for v, e in zip(votes, examples)) / len(examples)
+        answers = [extract(sample.text) for sample in samples]
+        votes = [majority_answer(answers[i:i + n]) for i in range(0, len(samples), n)]
+        n_right = sum(same(vote, example.answer) for vote, example in zip(votes, examples))
+        metrics[f"maj@{n}"] = n_right / len(examples)
     return metrics | {"records": records}
 
 def run_sandboxed(code, *, timeout=10.0, memory_mb=1024):

@@ -57,6 +57,8 @@ class Args:
     """base model every iteration starts from: an alias, a hub id, a local checkpoint, or tiny"""
     task: str = "gsm8k"  # paper: AQuA, GSM8K and MATH training questions
     """training questions to sample (and the test split to evaluate): gsm8k, math, arith or a .jsonl/.json file"""
+    test_task: str = ""
+    """test split: a .jsonl/.json file, a folder or a task ('' = --task's; a lone file has none)"""
     sft_task: str = ""  # paper: MathInstruct (CoT subset)
     """iteration-0 SFT data with gold rationales ('' = --task)"""
     sft_model: str = ""
@@ -146,6 +148,13 @@ STUDENT = ("Below is a correction to your previous solution. Review this careful
 
 
 # ---------------------------------------------------------------- ALGO: hints (4.2)
+def gold_solution(template, example):
+    """The gold rationale and the template's answer line, without GSM8K's `<<a=b>>` calculator
+    annotations (the official data, data/inference/cot/gsm8k.json, has none)."""
+    rationale = re.sub(r"<<[^<>]*>>", "", example.rationale)
+    return sft.target_for(template, example._replace(rationale=rationale))
+
+
 def answer_driven_prompt(template, example):
     """The plain prompt with the gold value after the question and one space, no label."""
     return sft.prompt_for(template, f"{example.question.strip()} {example.answer}")
@@ -338,7 +347,8 @@ def main(argv=None):
     args = parse_args(Args, PRESETS, argv)
     check_args(args)
     # PLUMBING: data and the teacher first, so a bad name stops before any work
-    questions, test_set = load_task(args.task, "train"), load_task(args.task, "test")
+    questions = load_task(args.task, "train")
+    test_set = load_task(args.task, "test", args.test_task)
     questions = questions[:args.n_questions] if args.n_questions else questions
     sft_set = [] if args.sft_model else load_task(args.sft_task or args.task, "train")
     if args.strategy == "interactive" and args.teacher != "self":
@@ -351,7 +361,10 @@ def main(argv=None):
     check_context(first, tokenizer, prompts, max_length=args.max_length)
     del first
     logger = Logger(args.out_dir)
-    reference = lambda e: sft.target_for(args.template, e)  # the gold rationale, ending in "The answer is x"
+
+    def reference(example):  # the gold rationale, ending in "The answer is x"
+        return gold_solution(args.template, example)
+
     recipe = sft.Args(template=args.template, epochs=1 if args.train_sequences else args.epochs, lr=args.lr,
                       warmup_ratio=args.warmup_ratio, batch_size=args.batch_size, micro_batch_size=args.micro_batch_size,
                       max_length=args.max_length, out_dir=args.out_dir, seed=args.seed)

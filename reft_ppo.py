@@ -21,6 +21,8 @@ Implements Section 2.1 step by step (warm-up, value head, rollout, terminal rewa
 quantities, KL-shaped reward, GAE, whitening, clipped PPO) and the inference extensions of 2.3.
 The warm-up model is saved to out_dir/warmup; the frozen reference is reloaded from it (or from
 --model); with --lora_rank the policy is reloaded from it with new adapters (adapters off: warm-up)
+Rewards and accuracies follow the official grader (2.2): the text after the last answer trigger (the
+template's: the paper's `\nTherefore, the answer is: `), as a float, within 1e-2 of the gold number.
 
 Deviations, each also in the README (PAPERS 2.5, 2.6):
 - The value head starts at zero (the OpenAI convention), so the first values are zero; the
@@ -46,9 +48,9 @@ from tqdm.auto import tqdm
 
 import sft
 from common import (RANK, Logger, adapters_disabled, all_reduce, autocast, batch_sequences,
-                    check_args, check_context, check_trained, extract_answer, fail, gather,
-                    generate, gradient_checkpointing, load_model, load_task, normalize_answer,
-                    parse_args, run_sandboxed, save, shard, token_logprobs, wrap_model)
+                    check_args, check_context, check_trained, fail, gather, generate,
+                    gradient_checkpointing, load_model, load_task, parse_args, run_sandboxed, save,
+                    shard, token_logprobs, wrap_model)
 
 
 @dataclass
@@ -59,6 +61,8 @@ class Args:
     """base model (or an already warmed-up checkpoint with --warmup_epochs 0)"""
     task: str = "gsm8k"
     """gsm8k, svamp, arith, or a .jsonl/.json file (ReFT's {question, answer_cot, answer_value} works)"""
+    test_task: str = ""
+    """test split: a .jsonl/.json file, a folder or a task ('' = --task's; a lone file has none)"""
     cot: str = "nl"
     """nl: natural-language CoT with an answer trigger; program: the model writes def solution()"""
     template: str = "reft"
@@ -151,13 +155,35 @@ TOY = PRESETS["toy"]
 
 
 # ---------------------------------------------------------------- ALGO: answers and rewards (2.2, step 4)
-def numeric_answer(text):
-    """N-CoT: the text after the last answer trigger, as a number; None if absent or not a number."""
-    answer = extract_answer(text)
+def answer_trigger(template):
+    """What the template writes before the answer: the official `\nTherefore, the answer is: `
+    (reft), `\nThe answer is ` (self_explore, gsi)."""
+    return sft.TEMPLATES[template][1].partition("{rationale}")[2].partition("{answer}")[0]
+
+
+def numeric_answer(text, trigger):
+    """N-CoT by the official rule (train_rl_reft.py): the text after the last trigger as a float;
+    None if it is not a plain number (`18 dollars`, `1,000`, a second answer line) or no trigger."""
+    tail = text.strip().split(trigger)[-1] if trigger else text
     try:
-        return float(normalize_answer(answer)) if answer is not None else None
+        return float(tail.strip())
     except ValueError:
         return None
+
+
+def gold_number(answer):
+    """The gold answer as the official code reads it: float(answer without commas)."""
+    return float(answer.replace(",", ""))
+
+
+def check_golds(examples):
+    """ReFT's reward compares numbers: a gold answer that is not one stops the run up front."""
+    for example in examples:
+        try:
+            gold_number(example.answer)
+        except ValueError:
+            fail(f"the gold answer {example.answer!r} is not a number, and ReFT's reward compares "
+                 f"numbers: use a numeric task (gsm8k, svamp, arith) or fix that record")
 
 
 def program_answer(prompt, completion, timeout):
@@ -180,7 +206,7 @@ def terminal_reward(pred, gold, partial_reward):
     """Step 4: 1 if |pred - gold| <= 1e-2 (2.2), partial_reward if a number was extracted but is wrong, else 0."""
     if pred is None:
         return 0.0
-    return 1.0 if abs(pred - float(gold)) <= 1e-2 else partial_reward
+    return 1.0 if abs(pred - gold_number(gold)) <= 1e-2 else partial_reward
 
 
 # ---------------------------------------------------------------- ALGO: PPO (2.1, steps 6-9)
@@ -245,7 +271,7 @@ def make_prompt(args, question):
 def answer_of(args, prompt, completion_text):
     if args.cot == "program":
         return program_answer(prompt, completion_text, args.program_timeout)
-    return numeric_answer(completion_text)
+    return numeric_answer(completion_text, answer_trigger(args.template))
 
 
 def rollout(model, value_head, reference, tokenizer, questions, args):
@@ -404,8 +430,10 @@ def main(argv=None):
     random.seed(args.seed)
     torch.manual_seed(args.seed)
     # PLUMBING: data, then the model, before any work
-    train_set, test_set = load_task(args.task, "train"), load_task(args.task, "test")
+    train_set = load_task(args.task, "train")
+    test_set = load_task(args.task, "test", args.test_task)
     train_set, test_set = train_set[:args.n_train or None], test_set[:args.n_eval or None]
+    check_golds(train_set + test_set)
     model, tokenizer = load_model(args.model, lora_rank=args.lora_rank, seed=args.seed,
                                   reference=args.mode == "train")  # PPO keeps a frozen reference
     test_prompts = [make_prompt(args, ex.question) for ex in test_set]

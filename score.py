@@ -26,7 +26,6 @@ attempt 2 reads it as cut; an attempt ended by a stop string (plain format: MBPP
 HumanEval's `\\ndef`, ...) is graded without it, but the stop string's tokens stay in the scored
 attempt: they are the action that ended it, as EOS is, so log pi(y|x) includes the choice to stop.
 """
-import json
 import os
 import random
 import re
@@ -40,8 +39,9 @@ import torch
 import sft
 from common import (RANK, Logger, adapters_disabled, all_reduce, batch_sequences, check_args,
                     check_context, check_trained, extract_answer, fail, gather, generate,
-                    gradient_checkpointing, is_equiv, load_model, load_task, parse_args,
-                    run_sandboxed, save, shard, token_logprobs, wrap_model)
+                    gradient_checkpointing, hub_rows, is_equiv, load_model, load_task,
+                    not_a_test_set, parse_args, read_records, run_sandboxed, save, shard,
+                    token_logprobs, wrap_model)
 from self_explore import edit_distance
 
 MATH_PROMPT = ("You are a math expert. When you respond, respond only with the Solution of the final Problem, thinking "
@@ -65,8 +65,8 @@ class Args:
     """starting model: an instruction-following model, or an SFT checkpoint (the format of --template)"""
     task: str = "math"  # paper: MATH; --preset code: MBPP
     """training task: math, gsm8k, arith, a .jsonl/.json file, or mbpp / a .jsonl file in MBPP's or HumanEval's schema"""
-    eval_task: str = ""  # paper: MATH500; --preset code: HumanEval
-    """task whose test split is evaluated ('' = the test split of --task)"""
+    test_task: str = ""  # paper: MATH500; --preset code: HumanEval
+    """test split: a .jsonl/.json file, a folder or a task ('' = --task's; a lone file has none)"""
     template: str = "score"
     """first-turn prompt: score (the paper's zero-shot MATH prompt), or the format a starting SFT
     model was trained with: reft, self_explore (the toy) or gsi"""
@@ -135,8 +135,8 @@ class Args:
 
 PRESETS = {
     # paper: Table 5, MBPP -> HumanEval: Adam 1e-5, 1500 steps, batch 128, beta2 0.25
-    "code": dict(task="mbpp", eval_task="humaneval", lr=1e-5, stage1_steps=500, stage2_steps=1000, batch_size=128,
-                 beta2=0.25, max_new_tokens=512, out_dir="runs/score-code"),
+    "code": dict(task="mbpp", test_task="humaneval", lr=1e-5, stage1_steps=500, stage2_steps=1000,
+                 batch_size=128, beta2=0.25, max_new_tokens=512, out_dir="runs/score-code"),
     # The toy world, from runs/toy-sft (template self_explore). A short instruction keeps turn 2 within what the tiny
     # model can read; the format warm-up and --restate are the toy deviations explained in format_warmup.
     "toy": dict(model="runs/toy-sft", task="arith", template="self_explore", out_dir="runs/toy-score",
@@ -160,16 +160,14 @@ class Problem:
     stop: tuple = ()
 
 
-def code_rows(name, split):
+def code_rows(name, split, test_task=""):
     """Records of a code task from the hub (mbpp, humaneval: through `datasets`) or a local .jsonl file."""
     if name in CODE_TASKS:
-        import datasets
-        try:
-            return list(datasets.load_dataset(*CODE_TASKS[name], split=split))
-        except Exception as error:  # offline, unknown split, ...: one sentence, not a traceback
-            fail(f"could not load {name!r} ({split}) from the hub: {type(error).__name__}; check the network")
-    with open(name) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        return list(hub_rows(name, split, CODE_TASKS))
+    records = read_records(name)
+    if split == "test" and name != test_task:  # a lone file is one split
+        not_a_test_set(name)
+    return [record for _, record in records]
 
 
 def mbpp_block(row):
@@ -179,15 +177,17 @@ def mbpp_block(row):
 
 def load_problems(name, split, args):
     """Math (common.load_task: the answer is checked) or code (MBPP 3-shot, HumanEval zero-shot: the tests are run)."""
-    head = open(name).readline() if name.endswith(".jsonl") and os.path.isfile(name) else ""
+    head = ""
+    if name.endswith(".jsonl") and os.path.isfile(name):  # read_records says what is wrong with it
+        head = open(name, encoding="utf-8", errors="replace").readline()
     if name not in CODE_TASKS and "test_list" not in head and "entry_point" not in head:
         prompt = (lambda q: f"{MATH_PROMPT}\n\nProblem:\n{q.strip()}\nSolution:\n") if args.template == "score" else (
             lambda q: sft.prompt_for(args.template, q))  # score: our rendering around the paper's prompt text
         target = (lambda ex: sft.target_for(args.template, ex)) if args.template in sft.TEMPLATES else (
             lambda ex: f"{ex.rationale.strip()}\nFinal Answer: The final answer is ${ex.answer}$. I hope it is correct.")
         return [Problem(prompt(ex.question), ex.answer, target(ex), reopen=prompt(ex.question) if args.restate else "")
-                for ex in load_task(name, split)]
-    rows = code_rows(name, split)
+                for ex in load_task(name, split, args.test_task)]
+    rows = code_rows(name, split, args.test_task)
     try:
         if rows and "entry_point" in rows[0]:  # HumanEval (paper: zero-shot)
             return [Problem(r["prompt"], target=r["canonical_solution"], tests=f"{r['test']}\ncheck({r['entry_point']})\n",
@@ -425,9 +425,9 @@ def main(argv=None):
     random.seed(args.seed)
     # PLUMBING: data, then the model, before any work
     train_set = load_problems(args.task, "train", args)[:args.n_train or None]
-    test_set = load_problems(args.eval_task or args.task, "test", args)[:args.n_eval or None]
+    test_set = load_problems(args.test_task or args.task, "test", args)[:args.n_eval or None]
     if not train_set or not test_set:
-        fail(f"no problems in {args.task!r} (train) or {args.eval_task or args.task!r} (test)")
+        fail(f"no problems in {args.task!r} (train) or {args.test_task or args.task!r} (test)")
     model, tokenizer = load_model(args.model, lora_rank=args.lora_rank, seed=args.seed,
                                   reference=True)  # seeds torch
     first_turns = [render(tokenizer, [p.user], args) for p in test_set]

@@ -22,14 +22,15 @@ Bugs not reproduced: the filter meant to drop chosen candidates that contain the
 list membership and never fires (here it tests the text: --drop_chosen_with_rejected_step); eval()
 of calculator annotations (here an AST evaluator of + - * /); the plumbing (1000 samples per process,
 hard-coded GPU shards, sample count switched by `temperature == 0.7`, results indexed by the wrong counter).
-Deviations (PAPERS 3.6, 3.7): common.extract_answer/is_equiv grade everything (the code compares raw strings
-while exploring); samples are sorted after dedup (the code: set order); a pit on the answer line (empty rejected
-after the cut) is dropped and counted; a text without `<<lhs=rhs>>` annotations (arith) uses its `lhs=rhs` lines
-as equations; the reference is the RFT model before its first DPO update, its log-probs computed once (no second
-copy); GSM8K's step split only (not MATH's, 3.3); one round; the last epoch of each stage is the result (SFT 2,
-RFT 1, DPO 3 epochs, 3.7), SFT's and RFT's linear decay computed for 5 epochs as in the official
-run_ft.sh and run_rft.sh, so that their result is an early checkpoint of that schedule; --n_val
-holds out training questions to tune the toy without the test split.
+Deviations (PAPERS 3.6, 3.7): the official GSM8K grader (official_answer: the first `The answer is`
+number) also grades the exploration (the code compares raw strings there); samples are sorted after
+dedup (the code: set order); a pit on the answer line (empty rejected after the cut) is dropped and
+counted; a text without `<<lhs=rhs>>` annotations (arith) uses its `lhs=rhs` lines as equations; the
+reference is the RFT model before its first DPO update, its log-probs computed once (no second
+copy); GSM8K's step split only (not MATH's, 3.3); one round; the last epoch of each stage is the
+result (SFT 2, RFT 1, DPO 3 epochs, 3.7), SFT's and RFT's linear decay computed for 5
+epochs as in the official run_ft.sh and run_rft.sh (an early checkpoint of that schedule); --n_val holds out training questions to tune the toy
+without the test split.
 """
 import ast
 import json
@@ -47,9 +48,8 @@ import sft
 from tqdm.auto import tqdm
 
 from common import (RANK, Logger, all_reduce, batch_sequences, check_args, check_context,
-                    check_trained, evaluate, extract_answer, fail, gather, generate,
-                    gradient_checkpointing, is_equiv, load_model, load_task, parse_args, save,
-                    shard, token_logprobs, wrap_model)
+                    check_trained, evaluate, fail, gather, generate, gradient_checkpointing,
+                    load_model, load_task, parse_args, save, shard, token_logprobs, wrap_model)
 
 
 @dataclass
@@ -60,6 +60,8 @@ class Args:
     """base model that SFT starts from: an alias, a hub id, a local checkpoint, or tiny"""
     task: str = "gsm8k"  # paper: GSM8K (MATH's step split is not implemented)
     """gsm8k, arith, or a .jsonl/.json file with question, rationale and answer"""
+    test_task: str = ""
+    """test split: a .jsonl/.json file, a folder or a task ('' = --task's; a lone file has none)"""
     out_dir: str = "runs/self-explore"
     """run folder: every stage's JSONL and checkpoint; a rerun resumes from it"""
     sft_model: str = ""
@@ -179,8 +181,31 @@ def edit_distance(a, b):
     return distance
 
 
+def standard_number(text):
+    """The official normal form (utils_ans.py standardize_value_str): no commas, no trailing zeros
+    after a decimal point nor a trailing point, `.5` as `0.5`; None if it is not a number."""
+    value = text.replace(",", "")
+    if "." in value:
+        value = value.rstrip("0")
+    value = "0" + value if value.startswith(".") else value
+    value = value.rstrip(".")
+    return value if value and safe_eval(value) is not None else None
+
+
+def official_answer(text):
+    """The official GSM8K answer (eval/gsm8k/utils_ans.py): the FIRST `The answer is` (colon
+    optional) and a number, in standard form; `The answer is 18 dollars.` gives 18, `$18` none."""
+    match = re.search(r"The answer is:?\s*(-?[0-9.,]+)", text or "")
+    return standard_number(match.group(1)) if match else None
+
+
+def same_answer(answer, gold):
+    """The official comparison: equal strings in standard form."""
+    return answer is not None and answer == standard_number(gold)
+
+
 def is_correct(text, gold):
-    return is_equiv(extract_answer(text), gold)
+    return same_answer(official_answer(text), gold)
 
 
 def rft_rationales(samples, gold, max_per_question):
@@ -398,7 +423,8 @@ def main(argv=None):
     if args.sft_model:  # sampled from at once: it must already solve some questions
         check_trained(args.sft_model, "--sft_model")
     # PLUMBING: the data first, so a bad name stops before any work; the validation slice is held out
-    train_set, test_set = load_task(args.task, "train"), load_task(args.task, "test")
+    train_set = load_task(args.task, "train")
+    test_set = load_task(args.task, "test", args.test_task)
     if args.n_val >= len(train_set):
         fail(f"--n_val {args.n_val} leaves none of the {len(train_set)} training questions: lower it")
     train_set, val_set = train_set[:len(train_set) - args.n_val], train_set[len(train_set) - args.n_val:]
@@ -414,9 +440,15 @@ def main(argv=None):
     def report(name, path):  # greedy accuracy of a stage's model, measured once per run folder
         def measure():
             model, tokenizer = load_model(path, seed=args.seed, frozen=True)
-            return [{f"{split}_accuracy": evaluate(model, tokenizer, examples, lambda ex: prompt_of(ex.question),
-                                                   max_new_tokens=args.max_new_tokens, batch_size=args.sample_batch_size)["accuracy"]
-                     for split, examples in (("val", val_set), ("test", test_set)) if examples}]
+            accuracies = {}
+            for split, examples in (("val", val_set), ("test", test_set)):
+                if examples:  # graded by the official rule
+                    result = evaluate(model, tokenizer, examples, lambda ex: prompt_of(ex.question),
+                                      max_new_tokens=args.max_new_tokens,
+                                      batch_size=args.sample_batch_size,
+                                      extract=official_answer, same=same_answer)
+                    accuracies[f"{split}_accuracy"] = result["accuracy"]
+            return [accuracies]
         logger.log(f"eval {name}", **cached_rows(os.path.join(run, f"eval-{name}.jsonl"), measure, args.seed)[0])
 
     # 1. ALGO: SFT on the gold rationales (or --sft_model)

@@ -22,6 +22,8 @@ accumulation is our choice); AdamW, linear warm-up then linear decay, gradient c
 Deviations (PAPERS 1.4): prompts are tokenised with the tokenizer's default BOS for every template
 (ReFT's code adds none), so that training and generate() see the same prompt tokens; the last epoch
 is the result (ReFT picks the best epoch on the test set); fp32 master weights, never pure bf16.
+Accuracy is graded by common.extract_answer/is_equiv for every preset (reft_ppo.py and
+self_explore.py grade by their papers' official rules, which can differ on the same outputs).
 """
 import math
 import random
@@ -59,6 +61,8 @@ class Args:
     a local checkpoint folder, or tiny (built in, untrained)"""
     task: str = "gsm8k"
     """arith, gsm8k, math, svamp, or a .jsonl/.json file"""
+    test_task: str = ""
+    """test split: a .jsonl/.json file, a folder or a task ('' = --task's; a lone file has none)"""
     template: str = "reft"
     """prompt/target format: reft, self_explore or gsi (each paper's own)"""
     loss_on_prompt: bool = False
@@ -203,7 +207,8 @@ def main(argv=None):
                at_least_zero=["schedule_epochs", "n_eval", "lora_rank"])
     random.seed(args.seed)
     # PLUMBING: data and model first, so a bad name stops before any work
-    train_set, test_set = load_task(args.task, "train"), load_task(args.task, "test")
+    train_set = load_task(args.task, "train")
+    test_set = load_task(args.task, "test", args.test_task)
     test_set = test_set[:args.n_eval] if args.n_eval else test_set
     model, tokenizer = load_model(args.model, lora_rank=args.lora_rank, seed=args.seed)
     test_prompts = [prompt_for(args.template, ex.question) for ex in test_set]

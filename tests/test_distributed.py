@@ -34,7 +34,8 @@ def scripted_generate(answers, script, model, tokenizer, prompts, *, n=1, **kwar
     for prompt in (prompt for prompt in prompts for _ in range(n)):
         seen[prompt] += 1
         wrong = zlib.crc32(f"{seen[prompt]} {prompt}".encode()) % 2
-        text = f"The answer is {int(answers[prompt.strip().splitlines()[-1]]) + wrong}"
+        # a line of working first: ReFT's official grader reads the answer after "\n" + its trigger
+        text = f"1+1=2\nThe answer is {int(answers[prompt.strip().splitlines()[-1]]) + wrong}"
         token_ids = tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
         completions.append(Completion(text, token_ids, True))
     return completions

@@ -48,6 +48,27 @@ def test_state_reset_prefixes_advance_one_line_per_round_then_cycle():
     assert all(not prefix.endswith("The answer is 14\n") for prefix in prefixes)
 
 
+GSI_RECORD = {"item_id": "gsm8k_0", "question": "q", "answer_value": "220",  # official data's form
+              "answer_cot": "50 + 9 = 59\n1500 - 180 = 1320\n1320 / 6 = 220\nThe answer is 220"}
+HUB_RECORD = {"question": "q",  # the hub's GSM8K
+              "answer": "Sold 48/2 = <<48/2=24>>24.\nAll 48+24=<<48+24=72>>72.\n#### 72"}
+
+
+def test_gold_solutions_carry_one_answer_line_and_no_calculator_annotations(tmp_path):
+    """GSI's data (answer_cot ends in `The answer is x`), the hub's GSM8K (`<<a=b>>` annotations):
+    one answer line, and the state-reset prefix (all lines but the last) never holds the answer."""
+    path = tmp_path / "gsm8k.json"
+    path.write_text(json.dumps([GSI_RECORD, HUB_RECORD]))
+    gsi_example, hub_example = load_task(str(path))
+    solution = gsi.gold_solution("gsi", gsi_example)
+    assert solution.endswith("1320 / 6 = 220\nThe answer is 220")
+    assert solution.count("The answer is") == 1
+    for round_index in range(6):
+        assert "The answer is" not in gsi.state_reset_prefix(solution, round_index, "lines")
+    expected = "Sold 48/2 = 24.\nAll 48+24=72.\nThe answer is 72"
+    assert gsi.gold_solution("gsi", hub_example) == expected
+
+
 def test_state_reset_prefixes_by_token_proportion_use_the_policy_tokenizer():
     tokenizer = byte_tokenizer()  # one token per character here: proportions are easy to check
     cuts = [len(gsi.state_reset_prefix(REFERENCE, r, "tokens", tokenizer)) for r in range(7)]

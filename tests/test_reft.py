@@ -49,15 +49,39 @@ def test_kl_penalty_sign_and_placement():
     torch.testing.assert_close(rewards, torch.tensor([[0.0, -0.1, 0.05]]))  # more likely than the reference: penalised
 
 
-def test_rewards_and_numeric_extraction():
-    assert reft_ppo.numeric_answer("12+3=15\nThe answer is 1,015.") == 1015.0
-    assert reft_ppo.numeric_answer("Therefore, the answer is: -2.5") == -2.5
-    assert reft_ppo.numeric_answer("The answer is x+1") is None
-    assert reft_ppo.numeric_answer("no answer") is None
-    assert reft_ppo.terminal_reward(15.0, "15", 0.1) == 1.0
-    assert reft_ppo.terminal_reward(15.005, "15", 0.1) == 1.0  # 2.2: |pred - gold| <= 1e-2
-    assert reft_ppo.terminal_reward(16.0, "15", 0.1) == 0.1  # partial reward
-    assert reft_ppo.terminal_reward(None, "15", 0.1) == 0.0
+REFT_GRADER = [  # (template, completion, gold, reward by the official train_rl_reft.py)
+    ("reft", "3*4=12\nTherefore, the answer is: 12", "12", 1.0),
+    ("reft", "12+3=15\nTherefore, the answer is: 15.", "15", 1.0),  # float("15.") parses
+    ("reft", "x\nTherefore, the answer is: -2.5", "-2.5", 1.0),
+    ("reft", "x\nTherefore, the answer is: 15.005", "15", 1.0),  # |pred - gold| <= 1e-2
+    ("reft", "x\nTherefore, the answer is: 16", "15", 0.1),  # a wrong number: partial reward
+    ("reft", "x\nTherefore, the answer is: 1000", "1,000", 1.0),  # commas leave the gold only
+    ("reft", "x\nTherefore, the answer is: 1,000", "1000", 0.0),
+    ("reft", "x\nTherefore, the answer is 18.", "18", 0.0),  # not the trigger (no colon)
+    ("reft", "x\nTherefore, the answer is: 18 dollars", "18", 0.0),
+    ("reft", "x\nTherefore, the answer is: $18", "18", 0.0),
+    ("reft", "x\nTherefore, the answer is: 18\nTherefore, the answer is 20", "18", 0.0),
+    ("reft", "x\nTherefore, the answer is: 7\nTherefore, the answer is: 8", "8", 1.0),  # the last
+    ("reft", "Therefore, the answer is: 18", "18", 0.0),  # the trigger starts with a newline
+    ("reft", "no answer", "18", 0.0),
+    ("self_explore", "1+1=2\nThe answer is 2", "2", 1.0),  # the toy template's own trigger
+    ("self_explore", "1+1=2\nThe answer is 3", "2", 0.1),
+    ("self_explore", "1+1=2\nThe answer is x+1", "2", 0.0),
+]
+
+
+@pytest.mark.parametrize("template, completion, gold, reward", REFT_GRADER)
+def test_rewards_follow_the_official_grader(template, completion, gold, reward):
+    answer = reft_ppo.numeric_answer(completion, reft_ppo.answer_trigger(template))
+    assert reft_ppo.terminal_reward(answer, gold, 0.1) == reward
+
+
+def test_a_non_numeric_gold_answer_stops_before_the_model_loads(tmp_path):
+    path = tmp_path / "train.jsonl"
+    path.write_text(json.dumps({"question": "q", "rationale": "r", "answer": "x+1"}) + "\n")
+    with pytest.raises(SystemExit, match="not a number"):
+        reft_ppo.main(["--task", str(path), "--test_task", str(path), "--model", "tiny",
+                       "--out_dir", str(tmp_path / "run")])
 
 
 def test_whitening_over_response_tokens_only():

@@ -161,7 +161,8 @@ def test_code_tasks_build_the_papers_prompts_and_reward_passing_programs_only(tm
     assert score.reward(problem, "def add_4(x):\n    while True:\n        pass", make_args(program_timeout=1.0)) == 0.0
     second = score.second_prompt(None, problem, "def add_4(x): pass", args)
     assert second == problem.user + "def add_4(x): pass\n\n" + score.CODE_INSTRUCTION + "\n[BEGIN]\n"
-    (humaneval,) = score.load_problems(write_jsonl(tmp_path / "he.jsonl", HUMANEVAL), "test", args)
+    humaneval_file = write_jsonl(tmp_path / "he.jsonl", HUMANEVAL)
+    (humaneval,) = score.load_problems(humaneval_file, "test", make_args(test_task=humaneval_file))
     assert humaneval.stop == score.HUMANEVAL_STOP and humaneval.user == HUMANEVAL[0]["prompt"]
     assert score.reward(humaneval, "    return 2 * x\n", args) == 1.0  # a continuation of the header
     assert score.reward(humaneval, "def double(x):\n    return x + x\n", args) == 1.0  # a rewrite
@@ -216,7 +217,9 @@ def test_toy_smoke_run_of_both_stages_and_the_ablations(tmp_path):
     steps = [json.loads(line)["step"] for line in open(os.path.join(single, "metrics.jsonl"))]
     assert steps == ["eval start", "single_turn 1", "eval single_turn"]
     code = str(tmp_path / "code")  # the code path, sandboxed (a 3-shot MBPP prompt is beyond tiny's 512 positions)
-    score.main(common[:4] + ["--task", write_jsonl(tmp_path / "he.jsonl", HUMANEVAL * 2), "--out_dir", code, "--batch_size", "4",
+    humaneval_file = write_jsonl(tmp_path / "he.jsonl", HUMANEVAL * 2)
+    score.main(common[:4] + ["--task", humaneval_file, "--test_task", humaneval_file,
+                             "--out_dir", code, "--batch_size", "4",
                              "--max_new_tokens", "8", "--format_warmup_epochs", "0", "--stage1_steps", "1",
                              "--stage2_steps", "1", "--program_timeout", "2"])
     evals = [json.loads(line) for line in open(os.path.join(code, "metrics.jsonl"))]

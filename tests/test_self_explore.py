@@ -28,6 +28,34 @@ def scripted_sampler(script):
     return sample_fn, calls
 
 
+SELF_EXPLORE_GRADER = [  # (completion, gold, correct by the official eval/gsm8k/utils_ans.py)
+    ("48+24=72\nThe answer is 72", "72", True),
+    ("The answer is 18 dollars.", "18", True),  # the number after the trigger
+    ("The answer is: 18", "18", True),
+    ("The answer is 1,000", "1000", True),
+    ("The answer is 1000", "1,000", True),
+    ("The answer is 18.00", "18", True),
+    ("The answer is 18.", "18", True),
+    ("The answer is .5", "0.5", True),
+    ("The answer is -3", "-3", True),
+    ("The answer is 18\nThe answer is 20", "18", True),  # the first one counts
+    ("The answer is 20\nThe answer is 18", "18", False),
+    ("The answer is 18.5", "18", False),
+    ("The answer is $18", "18", False),  # no number right after the trigger
+    ("the answer is 18", "18", False),  # case-sensitive
+    ("Therefore, the answer is: 18", "18", False),
+    ("#### 18", "18", False),
+    ("The answer is \\boxed{18}", "18", False),
+    ("The answer is 1.2.3", "1.2", False),  # not a number: invalid
+    ("", "18", False),
+]
+
+
+@pytest.mark.parametrize("completion, gold, correct", SELF_EXPLORE_GRADER)
+def test_answers_are_graded_by_the_official_rule(completion, gold, correct):
+    assert self_explore.is_correct(completion, gold) is correct
+
+
 RIGHT, WRONG = "...\nThe answer is 14", "...\nThe answer is 13"
 
 

@@ -5,6 +5,12 @@ from dataclasses import dataclass
 
 import pytest
 
+import common
+import guided_self_improve
+import reft_ppo
+import score
+import self_explore
+import sft
 from common import Example, load_model, load_task, parse_args
 
 
@@ -58,10 +64,105 @@ def test_empty_file_and_unknown_names_stop_clearly(tmp_path):
         load_task(str(tmp_path / "empty.jsonl"))
     with pytest.raises(SystemExit, match="unknown task 'gsm9k'"):
         load_task("gsm9k")
-    with pytest.raises(SystemExit, match="unknown task"):
-        load_task(str(tmp_path / "missing.jsonl"))
     with pytest.raises(SystemExit, match="bad knobs in 'arith:depth=3'.*steps"):
         load_task("arith:depth=3")
+
+
+REFT_TRAIN = {"item_id": "gsm8k_0", "question": "q1",
+              "answer_cot": "2 + 3 = 5\nTherefore, the answer is <5>.", "answer_value": "5.0"}
+REFT_TEST = {"item_id": "gsm8k_0", "question": "q2", "answer_value": "18"}
+GSI_TRAIN = {"item_id": "gsm8k_0", "question": "q3",
+             "answer_cot": "50 + 9 = 59\n59 * 2 = 118\nThe answer is 118", "answer_value": "118"}
+GSI_MATH = {"item_id": "math_1", "question": "q4", "answer_value": "40,320",
+            "answer_cot": "So $8! = \\boxed{40,\\!320}$. The answer is 40,320"}
+SELF_EXPLORE = {"query": "q5", "response": "Natalia sold 48/2 = <<48/2=24>>24 clips.\n#### 1,072"}
+
+
+def test_official_reft_gsi_and_self_explore_files_train_and_test(tmp_path):
+    """ReFT's data/*_nl.json and *_test_set.json, GSI's data/inference and data/test files (the same
+    keys), Self-Explore's data/GSM8K_{train,test}.jsonl ({query, response})."""
+    train = tmp_path / "train.json"
+    train.write_text(json.dumps([REFT_TRAIN, GSI_TRAIN, GSI_MATH]))
+    test = write_lines(tmp_path / "test_set.jsonl", [REFT_TEST])
+    self_explore_file = write_lines(tmp_path / "GSM8K_train.jsonl", [SELF_EXPLORE])
+    assert load_task(str(train)) == [
+        Example("q1", "2 + 3 = 5\nTherefore, the answer is <5>.", "5.0"),  # ReFT's own line stays
+        Example("q3", "50 + 9 = 59\n59 * 2 = 118", "118"),  # the template appends the answer line
+        Example("q4", "So $8! = \\boxed{40,\\!320}$.", "40,320")]
+    assert load_task(str(train), "test", test) == [Example("q2", "", "18")]
+    expected = Example("q5", "Natalia sold 48/2 = <<48/2=24>>24 clips.", "1072")
+    assert load_task(self_explore_file) == [expected]
+
+
+def test_a_lone_file_is_one_split_and_the_test_split_comes_from_test_task(tmp_path):
+    train = write_lines(tmp_path / "train.jsonl", [{"question": "q1", "answer": "#### 1"}])
+    test = write_lines(tmp_path / "test.jsonl", [{"question": "q2", "answer": "#### 2"}])
+    assert [e.question for e in load_task(train, "train", test)] == ["q1"]
+    assert [e.question for e in load_task(train, "test", test)] == ["q2"]
+    assert [e.question for e in load_task(str(tmp_path), "test")] == ["q2"]  # a folder
+    assert load_task("arith:n_train=8,n_test=4", "test", test)[0].question == "q2"
+    with pytest.raises(SystemExit, match=r"train\.jsonl is one split .*folder.*--test_task"):
+        load_task(train, "test")
+
+
+class ModelReached(Exception):
+    pass
+
+
+@pytest.mark.parametrize("script", [sft, reft_ppo, self_explore, guided_self_improve, score])
+def test_every_script_takes_its_test_split_from_test_task(tmp_path, monkeypatch, script):
+    train = write_lines(tmp_path / "train.jsonl", [{"question": "1+1", "answer": "#### 2"}])
+    test = write_lines(tmp_path / "test.jsonl", [{"question": "2+2", "answer": "#### 4"}])
+    out = ["--out_dir", str(tmp_path / "run"), "--model", "tiny"]
+    if hasattr(script, "check_trained"):  # `tiny` stands in for a trained start here
+        monkeypatch.setattr(script, "check_trained", lambda name, flag: None)
+    with pytest.raises(SystemExit, match="is one split"):
+        script.main(["--task", train] + out)
+
+    def reached(*args, **kwargs):
+        raise ModelReached
+    monkeypatch.setattr(script, "load_model", reached)
+    with pytest.raises(ModelReached):  # the data loaded: the model comes next
+        script.main(["--task", train, "--test_task", test] + out)
+
+
+BAD_TASK_FILES = [  # (file name, its bytes, what the sentence must say)
+    ("latin1.jsonl", b'{"question": "caf\xe9", "answer": "#### 1"}\n', r"latin1\.jsonl is not UTF"),
+    ("bad.json", b'[{"question": "q", "answer": "#### 1"},]', r"bad\.json is not valid JSON"),
+    ("bad.jsonl", b'{"question": "q", "rationale": "r", "answer": "1"}\n\n{"question": "q",\n',
+     r"bad\.jsonl line 3: not valid JSON"),
+    ("mbpp.jsonl", b'{"text": "t", "code": "c", "test_list": []}\n{"text": "t", \n',
+     r"mbpp\.jsonl line 2: not valid JSON"),
+    (None, None, r"no such file '.*missing\.jsonl'"),
+]
+
+
+@pytest.mark.parametrize("name, content, message", BAD_TASK_FILES)
+def test_a_bad_task_file_stops_with_one_sentence(tmp_path, name, content, message):
+    path = tmp_path / (name or "missing.jsonl")
+    if content is not None:
+        path.write_bytes(content)
+    load = common.load_task
+    if name and name.startswith("mbpp"):  # score.py reads MBPP/HumanEval records
+        def load(path):
+            return score.code_rows(path, "train")
+    with pytest.raises(SystemExit, match=message) as stop:
+        load(str(path))
+    assert "\n" not in str(stop.value)
+
+
+def test_an_unreachable_hub_stops_at_the_first_failed_request(tmp_path, monkeypatch):
+    import datasets
+    from huggingface_hub import constants
+    monkeypatch.setattr(constants, "ENDPOINT", "https://hub.invalid")  # never resolves (RFC 2606)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))  # nothing cached
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "datasets")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", constants.HF_HUB_OFFLINE)  # restored after
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", datasets.config.HF_HUB_OFFLINE)
+    start = time.time()
+    with pytest.raises(SystemExit, match="could not load 'gsm8k' .*out of reach"):
+        load_task("gsm8k")
+    assert time.time() - start < 10  # not half a minute of retries
 
 
 def test_unknown_model_name_stops_before_any_download():
