@@ -93,8 +93,7 @@ def parse_args(cls, presets=None, argv=None):
     return cls(**{name: value for name, value in vars(values).items() if name != "preset"})
 
 def check_args(args, positive=(), at_least_zero=()):
-    """The checks every script shares, before any work: the named fields are > 0 (or >= 0), and
-    --out_dir is a folder this process may write (an existing one, or one it may create)."""
+    """Before any work: the named fields are > 0 (or >= 0), and --out_dir is writable."""
     for name in positive:
         if not getattr(args, name) > 0:  # also catches nan
             fail(f"--{name} is {getattr(args, name)}, but it must be above 0: "
@@ -198,9 +197,8 @@ def load_model(name_or_path, *, dtype=None, device=None, lora_rank=0, seed=0, fr
     return model.to(device), tokenizer
 
 def check_memory(config, device, bytes_per_param):
-    """Stop before loading a full fine-tune that cannot fit one GPU: fp32 weights, gradients and
-    AdamW state take 16 bytes a parameter (a bf16 reference 2 more), activations come on top. Not on
-    CPU, nor under torchrun, where FSDP2 shards them."""
+    """Stop before loading a full fine-tune that cannot fit one GPU (16 bytes a parameter in fp32
+    with AdamW, a bf16 reference 2 more); not on CPU, nor under torchrun (FSDP2 shards it)."""
     if device.type != "cuda" or WORLD > 1 or not bytes_per_param:
         return
     with torch.device("meta"):  # the parameter count without allocating
@@ -213,15 +211,14 @@ def check_memory(config, device, bytes_per_param):
              f"--lora_rank 64, or shard it over several GPUs with torchrun (FSDP2)")
 
 def autocast(model):
-    """Autocast to the compute dtype given to load_model (bf16 on CUDA) over fp32 weights; off at
-    fp32. A context manager around every training and sampling forward; other models run in fp32."""
+    """Every forward of a model in the compute dtype given to load_model (bf16 on CUDA) over its
+    fp32 weights; off at fp32."""
     unwrapped = getattr(model, "module", model)  # DDP keeps the model in .module
     dtype = getattr(unwrapped, "compute_dtype", torch.float32)
     return torch.autocast(unwrapped.device.type, dtype=dtype, enabled=dtype != torch.float32)
 
 def _check_hub(repo, name):
-    """A hub id with no such folder here: one quick request, so that a typo or no network stops
-    at once, not after the hub client's retries (cache, HF_HUB_OFFLINE=1: from_pretrained's)."""
+    """One quick request for a hub id with no local folder: a typo or no network stops at once."""
     from huggingface_hub import constants, errors, model_info, try_to_load_from_cache
     if constants.HF_HUB_OFFLINE or try_to_load_from_cache(repo, "config.json"):
         return
