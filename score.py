@@ -42,7 +42,6 @@ from common import (RANK, Logger, adapters_disabled, all_reduce, batch_sequences
                     gradient_checkpointing, hub_rows, is_equiv, load_model, load_task,
                     not_a_test_set, parse_args, read_records, run_sandboxed, save, shard,
                     token_logprobs, wrap_model)
-from self_explore import edit_distance
 
 MATH_PROMPT = ("You are a math expert. When you respond, respond only with the Solution of the final Problem, thinking "
                "step by step. At the end of the Solution, when you give your final answer, write it in the form "
@@ -158,6 +157,18 @@ class Problem:
     entry: str = ""  # HumanEval: the function the tests call
     reopen: str = ""  # text after the instruction that opens attempt 2 (MBPP: [BEGIN]; HumanEval: the header)
     stop: tuple = ()
+
+
+def edit_distance(a, b):
+    """Character-level Levenshtein distance between two attempts (SCoRe's edit-distance ratio)."""
+    previous = list(range(len(b) + 1))  # distances from a[:0] to each prefix of b
+    for i, char_a in enumerate(a, 1):
+        current = [i]
+        for j, char_b in enumerate(b, 1):
+            substitute = previous[j - 1] + (char_a != char_b)
+            current.append(min(previous[j] + 1, current[j - 1] + 1, substitute))
+        previous = current
+    return previous[-1]
 
 
 def code_rows(name, split, test_task=""):

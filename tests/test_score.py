@@ -224,3 +224,8 @@ def test_toy_smoke_run_of_both_stages_and_the_ablations(tmp_path):
                              "--stage2_steps", "1", "--program_timeout", "2"])
     evals = [json.loads(line) for line in open(os.path.join(code, "metrics.jsonl"))]
     assert [m["step"] for m in evals if m["step"].startswith("eval")] == ["eval start", "eval stage1", "eval stage2"]
+
+
+def test_edit_distance_by_hand():
+    assert score.edit_distance("kitten", "sitting") == 3  # k->s, e->i, +g
+    assert score.edit_distance("", "abc") == 3 and score.edit_distance("abc", "abc") == 0
