@@ -33,6 +33,7 @@ Deviations, each also in the README (PAPERS 2.5, 2.6):
 """
 import copy
 import random
+import secrets
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -107,6 +108,8 @@ class Args:
     """zero (first values are 0) or default (the library's random init, as the official code)"""
     program_timeout: float = 10.0  # paper
     """seconds a model-written program may run"""
+    no_sandbox: bool = False
+    """P-CoT without bubblewrap: resource limits alone (unsafe: README, Security)"""
     eval_max_new_tokens: int = 700
     """generation budget at evaluation"""
     n_eval: int = 0
@@ -149,7 +152,7 @@ def numeric_answer(text):
         return None
 
 
-def program_answer(prompt, completion, timeout):
+def program_answer(prompt, completion, timeout, no_sandbox=False):
     """P-CoT: `def solution` up to the first blank line, run in a sandbox; float(solution()) or None."""
     program = prompt[prompt.rindex("def solution():"):] + completion
     lines = []
@@ -158,10 +161,13 @@ def program_answer(prompt, completion, timeout):
             break
         lines.append(line)
     code = "import math\ntry:\n    import sympy\nexcept ImportError:\n    pass\n" + "\n".join(lines).replace("sys.exit", "print")
-    ok, out = run_sandboxed(code + "\nprint(float(solution()))", timeout=timeout)
+    token = secrets.token_hex(16)  # fresh: only the harness's own last line carries it
+    ok, out = run_sandboxed(code + f"\nprint({token!r}, float(solution()))", timeout=timeout,
+                            no_sandbox=no_sandbox)
+    _, found, value = out.rpartition(token + " ")
     try:
-        return float(out.split()[-1]) if ok else None
-    except (ValueError, IndexError):
+        return float(value) if ok and found else None  # exited normally after the harness printed
+    except ValueError:
         return None
 
 
@@ -233,7 +239,7 @@ def make_prompt(args, question):
 
 def answer_of(args, prompt, completion_text):
     if args.cot == "program":
-        return program_answer(prompt, completion_text, args.program_timeout)
+        return program_answer(prompt, completion_text, args.program_timeout, args.no_sandbox)
     return numeric_answer(completion_text)
 
 
@@ -367,6 +373,8 @@ def main(argv=None):
              f"use nl|program, train|vote|rerank and one of {', '.join(sft.TEMPLATES)}")
     if args.value_head_init not in ("zero", "default"):
         fail(f"unknown --value_head_init {args.value_head_init!r}: use zero or default")
+    if args.cot == "program":
+        run_sandboxed("", no_sandbox=args.no_sandbox)  # stops here if programs cannot be sandboxed
     random.seed(args.seed)
     torch.manual_seed(args.seed)
     # PLUMBING: data, then the model, before any work
