@@ -1,5 +1,6 @@
-"""The sandbox of model-written code (README, Security): each escape of issue 17 and each reward hack,
-through common.run_sandboxed and through both callers (reft_ppo.program_answer, score.reward)."""
+"""The sandbox of model-written code (README, Security): each escape of issue 17 and each reward
+hack, through common.run_sandboxed and through both callers (reft_ppo.program_answer and
+score.reward)."""
 import glob
 import os
 import signal
@@ -18,8 +19,9 @@ import common
 import reft_ppo
 import score
 
-pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="the sandbox needs Linux namespaces")
+pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="the sandbox needs Linux")
 TIMEOUT = 5.0  # P-CoT's prelude imports sympy: about a second on a busy CPU
+ARGS = SimpleNamespace(program_timeout=TIMEOUT, no_sandbox=False)  # score.reward's settings
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -36,11 +38,15 @@ def through_reft(snippet):
 
 def through_score(snippet):
     """The snippet as an MBPP program whose one test always passes."""
-    problem = score.Problem("", tests="assert True")
-    return score.reward(problem, snippet, SimpleNamespace(program_timeout=TIMEOUT, no_sandbox=False)) == 1.0
+    return score.reward(score.Problem("", tests="assert True"), snippet, ARGS) == 1.0
 
 
 RUNNERS = [direct, through_reft, through_score]
+
+
+def program(text):
+    """A snippet written as an indented block (no blank lines: P-CoT stops at the first)."""
+    return textwrap.dedent(text).strip("\n")
 
 
 def alive(token):
@@ -68,34 +74,43 @@ def test_honest_programs_still_pass(runner):
     assert runner("x = 6 * 7\nassert x == 42")
 
 
-# ---------------------------------------------------------------- escapes: each snippet reaches its end only if
-# the escape worked, and where the escape leaves a trace outside, the trace is checked too
+# ---------------------------------------------------------------- escapes: each snippet reaches
+# its end only if the escape worked; a trace it would leave outside is checked too
 @pytest.mark.parametrize("runner", RUNNERS)
 def test_cannot_write_outside(runner, tmp_path, monkeypatch):
     target = tmp_path / "project.py"
     target.write_text("original\n")
     monkeypatch.chdir(tmp_path)  # the trainer's folder, as /proc/<parent>/cwd shows it today
-    snippet = (f"import os\nfor path in [{str(target)!r}, '/proc/%d/cwd/planted.py' % os.getppid()]:\n"
-               "    with open(path, 'a') as f:\n        f.write('pwned')")
-    assert not runner(snippet)
+    assert not runner(program(f"""
+        import os
+        for path in [{str(target)!r}, '/proc/%d/cwd/planted.py' % os.getppid()]:
+            with open(path, 'a') as f:
+                f.write('pwned')
+        """))
     assert target.read_text() == "original\n" and not (tmp_path / "planted.py").exists()
 
 
 @pytest.mark.parametrize("runner", RUNNERS)
 def test_cannot_read_any_environment(runner):
-    """The trainer's (/proc/<parent>/environ) and bwrap's own (/proc/1/environ in the PID namespace)."""
+    """The trainer's (/proc/<parent>/environ) and bwrap's own (/proc/1/environ inside)."""
     assert os.environ.get("PATH")
-    snippet = ("import glob\nseen = b''\nfor name in glob.glob('/proc/[0-9]*/environ'):\n    try:\n"
-               "        seen += open(name, 'rb').read()\n    except OSError:\n        pass\n"
-               "assert b'PATH=' in seen")
-    assert not runner(snippet)
+    assert not runner(program("""
+        import glob
+        seen = b''
+        for name in glob.glob('/proc/[0-9]*/environ'):
+            try:
+                seen += open(name, 'rb').read()
+            except OSError:
+                pass
+        assert b'PATH=' in seen
+        """))
 
 
 @pytest.mark.parametrize("runner", RUNNERS)
 def test_no_network_not_even_loopback(runner):
     with socket.create_server(("127.0.0.1", 0)) as server:
         port = server.getsockname()[1]
-        assert not runner(f"import socket\nsocket.create_connection(('127.0.0.1', {port}), timeout=2).close()")
+        assert not runner(f"import socket\nsocket.create_connection(('127.0.0.1', {port}), 2)")
         server.setblocking(False)
         with pytest.raises(BlockingIOError):
             server.accept()  # nobody connected
@@ -115,10 +130,14 @@ def test_cannot_signal_the_trainer_or_kill_other_processes(runner):
 @pytest.mark.parametrize("runner", RUNNERS)
 def test_no_process_outlives_the_run(runner):
     token = uuid.uuid4().hex
-    snippet = ("import os, sys\nif os.fork() == 0:\n    os.setsid()\n"
-               f"    os.execv(sys.executable, [sys.executable, '-c', 'import time; time.sleep(20)', '{token}'])")
     try:
-        assert not runner(snippet)
+        assert not runner(program(f"""
+            import os, sys
+            if os.fork() == 0:
+                os.setsid()
+                argv = ['python', '-c', 'import time; time.sleep(20)', '{token}']
+                os.execv(sys.executable, argv)
+            """))
         assert gone(token, seconds=0.5)
     finally:
         for name in alive(token):  # today's code leaves it behind
@@ -128,11 +147,13 @@ def test_no_process_outlives_the_run(runner):
 def test_every_process_dies_at_the_timeout_and_with_the_trainer():
     token = uuid.uuid4().hex
     start = time.monotonic()
-    assert common.run_sandboxed(f"import time\ntime.sleep(30)  # {token}", timeout=0.5) == (False, "")
+    sleeper = f"import time\ntime.sleep(30)  # {token}"
+    assert common.run_sandboxed(sleeper, timeout=0.5) == (False, "")
     assert time.monotonic() - start < 3 and gone(token)
     script = (f"import sys; sys.path.insert(0, {ROOT!r}); import common; "
-              "common.run_sandboxed('import time; time.sleep(30)  # ' + sys.argv[1][::-1], timeout=30)")
-    trainer = subprocess.Popen([sys.executable, "-c", script, token[::-1]])
+              "common.run_sandboxed(sys.argv[1][::-1], timeout=30)")
+    trainer = subprocess.Popen([sys.executable, "-c", script, sleeper[::-1]])  # only the sandbox
+    # holds the token: the trainer's command line has it reversed
     try:
         end = time.monotonic() + 30
         while not alive(token) and time.monotonic() < end:
@@ -146,37 +167,56 @@ def test_every_process_dies_at_the_timeout_and_with_the_trainer():
 
 @pytest.mark.parametrize("runner", RUNNERS)
 def test_process_count_is_limited(runner):
-    snippet = ("import os, time\nfor _ in range(8):\n    if os.fork() == 0:\n        time.sleep(1)\n"
-               "        os._exit(0)")
-    assert not runner(snippet)
+    assert not runner(program("""
+        import os, time
+        for _ in range(8):
+            if os.fork() == 0:
+                time.sleep(1)
+                os._exit(0)
+        """))
 
 
 @pytest.mark.parametrize("runner", RUNNERS)
 def test_memory_is_limited_for_the_whole_sandbox(runner):
     """Two processes mapping 600 MB each: each is under the 1024 MB default, together over it."""
-    snippet = ("import mmap, os, time\npid = os.fork()\nblock = mmap.mmap(-1, 600 << 20)\nif pid == 0:\n"
-               "    time.sleep(0.5)\n    os._exit(0)\nassert os.waitpid(pid, 0)[1] == 0")
-    assert not runner(snippet)
+    assert not runner(program("""
+        import mmap, os, time
+        pid = os.fork()
+        block = mmap.mmap(-1, 600 << 20)
+        if pid == 0:
+            time.sleep(0.5)
+            os._exit(0)
+        assert os.waitpid(pid, 0)[1] == 0
+        """))
 
 
 def test_threads_share_one_memory_budget():
-    snippet = ("import mmap, threading\nblocks = []\nthreads = [threading.Thread(target=lambda: "
-               "blocks.append(mmap.mmap(-1, 200 << 20))) for _ in range(2)]\n"
-               "[t.start() for t in threads]\n[t.join() for t in threads]\nassert len(blocks) == 2")
-    assert common.run_sandboxed(snippet + "\nprint('ok')", timeout=TIMEOUT, memory_mb=300)[1] == ""
-    assert common.run_sandboxed(snippet + "\nprint('ok')", timeout=TIMEOUT, memory_mb=800) == (True, "ok\n")
+    threads = program("""
+        import mmap, threading
+        blocks = []
+        def hold():
+            blocks.append(mmap.mmap(-1, 200 << 20))
+        threads = [threading.Thread(target=hold) for _ in range(2)]
+        for thread in threads:
+            thread.start()
+            thread.join()
+        assert len(blocks) == 2
+        print('ok')
+        """)
+    assert common.run_sandboxed(threads, timeout=TIMEOUT, memory_mb=300)[1] == ""
+    assert common.run_sandboxed(threads, timeout=TIMEOUT, memory_mb=800) == (True, "ok\n")
 
 
 @pytest.mark.parametrize("runner", RUNNERS)
 def test_output_flood_is_cut_and_fails(runner):
-    assert not runner("import sys\nfor _ in range(40):\n    sys.stdout.write(('x' * 1023 + '\\n') * 1024)")
+    assert not runner("import sys\nfor _ in range(40):\n    print(('x' * 1023 + '\\n') * 1023)")
 
 
 def test_output_is_read_up_to_the_cap_without_growing_the_trainer():
     tracemalloc.start()
     try:
-        ok, out = common.run_sandboxed("import sys\nwhile True:\n    sys.stdout.write('x' * 65536)",
-                                       timeout=TIMEOUT)
+        flood = "import sys\nwhile True:\n    sys.stdout.write('x' * 65536)"
+        ok, out = common.run_sandboxed(flood, timeout=TIMEOUT)
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
@@ -202,37 +242,49 @@ def test_cannot_read_the_trainers_stdin(runner):
 @pytest.mark.parametrize("runner", RUNNERS)
 def test_a_sabotaged_temp_folder_never_raises_into_training(runner):
     """The program replaces its own working folder with a file: today's clean-up raises."""
-    assert not runner("import os\nhere = os.getcwd()\nos.chdir('/')\nos.rmdir(here)\nopen(here, 'w').close()")
+    assert not runner(program("""
+        import os
+        here = os.getcwd()
+        os.chdir('/')
+        os.rmdir(here)
+        open(here, 'w').close()
+        """))
 
 
 def test_a_fork_bomb_is_contained():
     assert not direct("import os\nos.fork()")  # the process limit holds: only then the bomb
     start = time.monotonic()
-    ok, _ = common.run_sandboxed("import os\nwhile True:\n    try:\n        os.fork()\n"
-                                 "    except OSError:\n        pass", timeout=1.0)
+    ok, _ = common.run_sandboxed(program("""
+        import os
+        while True:
+            try:
+                os.fork()
+            except OSError:
+                pass
+        """), timeout=1.0)
     assert not ok and time.monotonic() - start < 4
 
 
 # ---------------------------------------------------------------- reward hacks: each scores 0
-HACKS = {  # what the program does after its (wrong) work, so that the tests never run or never count
+HACKS = {  # what a wrong program does at its end, so that the tests never run or never count
     "early exit": "import os\nos._exit(0)",
-    "fake pass line": "import atexit, os\natexit.register(os._exit, 0)\natexit.register(print, 'all tests passed')",
-    "kills its own harness": "import os, signal\nos.kill(os.getpid(), signal.SIGKILL)",
+    "fake pass line": ("import atexit, os\natexit.register(os._exit, 0)\n"
+                       "atexit.register(print, 'all tests passed')"),
+    "kills its own harness": "import os\nos.kill(os.getpid(), 9)",
 }
 
 
 @pytest.mark.parametrize("hack", HACKS)
 def test_score_code_reward_counts_only_a_finished_harness(hack):
-    args = SimpleNamespace(program_timeout=TIMEOUT, no_sandbox=False)
     problem = score.Problem("", tests="assert add(2, 3) == 5")
-    assert score.reward(problem, "def add(a, b):\n    return a + b", args) == 1.0
-    assert score.reward(problem, "def add(a, b):\n    return a - b\n" + HACKS[hack], args) == 0.0
+    assert score.reward(problem, "def add(a, b):\n    return a + b", ARGS) == 1.0
+    assert score.reward(problem, "def add(a, b):\n    return a - b\n" + HACKS[hack], ARGS) == 0.0
 
 
 REFT_HACKS = {  # the program prints the gold answer itself, while solution() returns a wrong one
     "early exit": "print(42.0, flush=True)\nimport os\nos._exit(0)",
     "fake pass line": "import atexit\natexit.register(print, 42.0)",
-    "kills its own harness": "print(42.0, flush=True)\nimport os, signal\nos.kill(os.getpid(), 9)",
+    "kills its own harness": "print(42.0, flush=True)\nimport os\nos.kill(os.getpid(), 9)",
 }
 
 
@@ -252,13 +304,16 @@ def no_bwrap(monkeypatch, tmp_path):
     common.sandbox_tool.cache_clear()
 
 
-def test_without_bubblewrap_model_code_is_refused_unless_the_user_accepts_limits_alone(no_bwrap, tmp_path):
+def test_without_bubblewrap_model_code_is_refused_unless_limits_alone_are_accepted(no_bwrap,
+                                                                                   tmp_path):
     with pytest.raises(SystemExit, match="bubblewrap.*--no_sandbox"):
         common.run_sandboxed("print(1)")
     with pytest.raises(SystemExit, match="--no_sandbox"):
-        reft_ppo.main(["--cot", "program", "--task", "arith", "--model", "tiny", "--out_dir", str(tmp_path)])
-    assert not (tmp_path / "metrics.jsonl").exists()  # stopped before any work
+        reft_ppo.main(["--cot", "program", "--task", "arith", "--out_dir", str(tmp_path / "run")])
+    assert not (tmp_path / "run").exists()  # stopped before any work
     assert common.run_sandboxed("print(1)", no_sandbox=True) == (True, "1\n")
-    assert reft_ppo.program_answer("def solution():", "\n    return 42\n", TIMEOUT, no_sandbox=True) == 42.0
-    args = SimpleNamespace(program_timeout=TIMEOUT, no_sandbox=True)
-    assert score.reward(score.Problem("", tests="assert f() == 1"), "def f():\n    return 1", args) == 1.0
+    answer = reft_ppo.program_answer("def solution():", "\n    return 42\n", TIMEOUT, True)
+    assert answer == 42.0
+    unsandboxed = SimpleNamespace(program_timeout=TIMEOUT, no_sandbox=True)
+    problem = score.Problem("", tests="assert f() == 1")
+    assert score.reward(problem, "def f():\n    return 1", unsandboxed) == 1.0
