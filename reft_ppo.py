@@ -27,7 +27,8 @@ Deviations, each also in the README (PAPERS 2.5, 2.6):
 - A response cut at the length limit gets its reward on its last generated token (the official
   code puts it one token earlier); `--truncation_penalty` is subtracted from it (0 = the paper).
 - Prompts longer than --max_prompt_tokens are dropped (counted), not cut.
-- Programs run in a subprocess with time, memory and file limits (the official code uses exec).
+- Programs run in a bubblewrap sandbox (README, Security; the official code uses exec), and the
+  answer counts only when the harness printed it and the program exited normally.
 - The reported checkpoint is the last one (the official `best/` is the best epoch on the test set).
 - Prompts carry the tokenizer's BOS, as in sft.py.
 """
@@ -109,7 +110,7 @@ class Args:
     program_timeout: float = 10.0  # paper
     """seconds a model-written program may run"""
     no_sandbox: bool = False
-    """P-CoT without bubblewrap: resource limits alone (unsafe: README, Security)"""
+    """where bubblewrap is missing: resource limits alone for programs (unsafe: README, Security)"""
     eval_max_new_tokens: int = 700
     """generation budget at evaluation"""
     n_eval: int = 0

@@ -119,7 +119,7 @@ class Args:
     program_timeout: float = 10.0
     """seconds a model-written program and its tests may run"""
     no_sandbox: bool = False
-    """code tasks without bubblewrap: resource limits alone (unsafe: README, Security)"""
+    """where bubblewrap is missing: resource limits alone for programs (unsafe: README, Security)"""
     lora_rank: int = 0
     """LoRA rank (0: full fine-tuning); the reference is then the model with adapters off"""
     seed: int = 0

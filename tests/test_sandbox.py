@@ -152,8 +152,8 @@ def test_every_process_dies_at_the_timeout_and_with_the_trainer():
     assert time.monotonic() - start < 3 and gone(token)
     script = (f"import sys; sys.path.insert(0, {ROOT!r}); import common; "
               "common.run_sandboxed(sys.argv[1][::-1], timeout=30)")
-    trainer = subprocess.Popen([sys.executable, "-c", script, sleeper[::-1]])  # only the sandbox
-    # holds the token: the trainer's command line has it reversed
+    # the trainer's command line holds the token reversed, only the sandbox's holds it as is
+    trainer = subprocess.Popen([sys.executable, "-c", script, sleeper[::-1]])
     try:
         end = time.monotonic() + 30
         while not alive(token) and time.monotonic() < end:
