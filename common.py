@@ -463,15 +463,18 @@ def run_sandboxed(code, *, timeout=10.0, memory_mb=1024, max_output=2 ** 20, no_
                               start_new_session=True, pass_fds=[filter_in]) as run:
             output = b""
             deadline = time.monotonic() + timeout
-            while len(output) <= max_output:  # read as it comes: a flood stops at the cap
-                if not select.select([run.stdout], [], [], max(deadline - time.monotonic(), 0))[0]:
-                    break
+
+            def left():
+                return max(deadline - time.monotonic(), 0)
+            ready = select.poll()  # not select(): a trainer may hold file descriptors past 1024
+            ready.register(run.stdout, select.POLLIN)
+            while len(output) <= max_output and ready.poll(left() * 1e3):  # a flood stops at a cap
                 chunk = os.read(run.stdout.fileno(), 2 ** 16)
                 if not chunk:
                     break
                 output += chunk
             with contextlib.suppress(subprocess.TimeoutExpired):
-                run.wait(max(deadline - time.monotonic(), 0) if len(output) <= max_output else 0)
+                run.wait(left() if len(output) <= max_output else 0)
             status = run.poll()
             with contextlib.suppress(OSError):  # bwrap's death kills all inside (--die-with-parent)
                 os.killpg(run.pid, signal.SIGKILL)
