@@ -456,8 +456,8 @@ def run_sandboxed(code, *, timeout=10.0, memory_mb=1024, max_output=2 ** 20, no_
                        "ALL", "--new-session", "--die-with-parent", "--proc", "/proc",
                        "--dev", "/dev",
                        *(arg for path in system for arg in ("--ro-bind-try", path, path)),
-                       "--size", str(2 ** 24), "--tmpfs", "/tmp", "--chdir", "/tmp",
-                       "--seccomp", str(filter_in), *command]
+                       "--size", str(2 ** 24), "--tmpfs", "/tmp", "--chdir", "/tmp", "--remount-ro",
+                       "/dev", "--remount-ro", "/", "--seccomp", str(filter_in), *command]
         with subprocess.Popen(command, cwd=folder, env={}, stdin=subprocess.DEVNULL,
                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                               start_new_session=True, pass_fds=[filter_in]) as run:

@@ -90,6 +90,21 @@ def test_cannot_write_outside(runner, tmp_path, monkeypatch):
     assert target.read_text() == "original\n" and not (tmp_path / "planted.py").exists()
 
 
+def test_only_a_small_private_tmp_is_writable():
+    """Files are memory too: the root and /dev are read-only tmpfs, /tmp holds 16 MB."""
+    name = uuid.uuid4().hex
+    paths = ["/" + name, "/dev/shm/" + name]
+    try:
+        for path in paths:
+            assert not direct(f"open({path!r}, 'w').write('x')")
+        assert direct(f"open('/tmp/{name}', 'w').write('x')")
+        assert not direct("for i in range(24):\n    open(f'/tmp/{i}', 'wb').write(bytes(2 ** 20))")
+    finally:
+        for path in paths:  # today's code writes them on the host
+            if os.path.exists(path):
+                os.remove(path)
+
+
 @pytest.mark.parametrize("runner", RUNNERS)
 def test_cannot_read_any_environment(runner):
     """The trainer's (/proc/<parent>/environ) and bwrap's own (/proc/1/environ inside)."""
