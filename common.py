@@ -3,18 +3,24 @@ import argparse
 import contextlib
 import dataclasses
 import difflib
+import errno
 import functools
 import inspect
 import json
 import math
 import os
+import platform
 import random
 import re
-import resource
+import select
+import shutil
+import signal
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
+import time
 import urllib.parse
 from collections import namedtuple
 from fractions import Fraction
@@ -599,19 +605,79 @@ def evaluate(model, tokenizer, examples, prompt_fn, *, max_new_tokens=512, n=1, 
         metrics[f"maj@{n}"] = n_right / len(examples)
     return metrics | {"records": records}
 
-def run_sandboxed(code, *, timeout=10.0, memory_mb=1024):
-    """(exited cleanly, stdout) of untrusted Python in an isolated interpreter: empty folder, no environment, limits."""
-    def limits():
-        resource.setrlimit(resource.RLIMIT_AS, (memory_mb * 2 ** 20, memory_mb * 2 ** 20))
-        resource.setrlimit(resource.RLIMIT_CPU, (math.ceil(timeout), math.ceil(timeout)))
-        resource.setrlimit(resource.RLIMIT_FSIZE, (2 ** 20, 2 ** 20))
-    with tempfile.TemporaryDirectory() as folder:
-        try:
-            done = subprocess.run([sys.executable, "-I", "-c", code], cwd=folder, env={}, capture_output=True,
-                                  text=True, timeout=timeout, preexec_fn=limits)
-        except subprocess.TimeoutExpired:
-            return False, ""
-    return done.returncode == 0, done.stdout
+NO_FORK = {"x86_64": (0xC000003E, 56, (57, 58)),  # seccomp ABI, clone, fork and vfork
+           "aarch64": (0xC00000B7, 220, ())}
+
+def no_fork_filter():
+    """seccomp BPF: a new process fails (EAGAIN), a thread (clone with CLONE_THREAD) may start."""
+    abi, clone, forks = NO_FORK[platform.machine()]
+    allow, eagain, enosys = 0x7FFF0000, 0x50000 | errno.EAGAIN, 0x50000 | errno.ENOSYS
+    load, equal, bits, give = 0x20, 0x15, 0x45, 0x06  # BPF_LD|W|ABS, JMP|JEQ|K, JMP|JSET|K, RET|K
+
+    def op(code, k, jump_true=0, jump_false=0):
+        return struct.pack("=HBBI", code, jump_true, jump_false, k)
+    program = [op(load, 4), op(equal, abi, 1), op(give, enosys)]  # another ABI (i386 on x86-64)
+    program += [op(load, 0), op(equal, 435, 0, 1), op(give, enosys)]  # clone3 hides its flags
+    for number in forks:
+        program += [op(equal, number, 0, 1), op(give, eagain)]
+    program += [op(equal, clone, 0, 3), op(load, 16), op(bits, 0x10000, 1), op(give, eagain)]
+    return b"".join(program + [op(give, allow)])
+
+@functools.cache
+def sandbox_tool():
+    """bwrap's path if bubblewrap runs with user namespaces (x86-64 or aarch64 Linux), else None."""
+    bwrap = shutil.which("bwrap")
+    probe = [bwrap, "--unshare-all", "--unshare-user", "--disable-userns", "--ro-bind", "/", "/"]
+    works = bwrap and platform.machine() in NO_FORK and subprocess.run(probe + ["true"], env={},
+                                                                      capture_output=True)
+    return bwrap if works and works.returncode == 0 else None
+
+def run_sandboxed(code, *, timeout=10.0, memory_mb=1024, max_output=2 ** 20, no_sandbox=False):
+    """(exited with 0, stdout up to max_output bytes) of untrusted Python: README, Security."""
+    bwrap = sandbox_tool()
+    if bwrap is None and not no_sandbox:
+        fail("model-written code needs bubblewrap with user namespaces (x86-64 or aarch64 Linux): "
+             "apt-get install bubblewrap, or pass --no_sandbox to accept resource limits alone")
+    limits = dict(AS=memory_mb << 20, CPU=math.ceil(timeout), FSIZE=2 ** 24, NOFILE=64, NPROC=64,
+                  CORE=0)  # set inside the sandbox: they bind the program, not bwrap
+    launch = "".join(f"resource.setrlimit(resource.RLIMIT_{name}, ({value}, {value}))\n"
+                     for name, value in limits.items())
+    command = [sys.executable, "-I", "-c", "import os, resource, sys\n" + launch
+               + "os.execv(sys.executable, [sys.executable, '-I', '-c', sys.argv[1]])", code]
+    filter_in, filter_out = os.pipe()
+    with tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as folder, open(filter_in, "rb"):
+        with os.fdopen(filter_out, "wb") as f:
+            f.write(no_fork_filter() if bwrap else b"")
+        if bwrap:  # namespaces: user, PID, network, mount, IPC, UTS; read-only system, private /tmp
+            system = sorted({"/usr", "/lib", "/lib64", os.path.realpath(sys.prefix),
+                             sys.base_prefix})  # what the interpreter needs
+            command = [bwrap, "--unshare-all", "--unshare-user", "--disable-userns", "--cap-drop",
+                       "ALL", "--new-session", "--die-with-parent", "--proc", "/proc",
+                       "--dev", "/dev",
+                       *(arg for path in system for arg in ("--ro-bind-try", path, path)),
+                       "--size", str(2 ** 24), "--tmpfs", "/tmp", "--chdir", "/tmp", "--remount-ro",
+                       "/dev", "--remount-ro", "/", "--seccomp", str(filter_in), *command]
+        with subprocess.Popen(command, cwd=folder, env={}, stdin=subprocess.DEVNULL,
+                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                              start_new_session=True, pass_fds=[filter_in]) as run:
+            output = b""
+            deadline = time.monotonic() + timeout
+
+            def left():
+                return max(deadline - time.monotonic(), 0)
+            ready = select.poll()  # not select(): a trainer may hold file descriptors past 1024
+            ready.register(run.stdout, select.POLLIN)
+            while len(output) <= max_output and ready.poll(left() * 1e3):  # a flood stops at a cap
+                chunk = os.read(run.stdout.fileno(), 2 ** 16)
+                if not chunk:
+                    break
+                output += chunk
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                run.wait(left() if len(output) <= max_output else 0)
+            status = run.poll()
+            with contextlib.suppress(OSError):  # bwrap's death kills all inside (--die-with-parent)
+                os.killpg(run.pid, signal.SIGKILL)
+    return status == 0 and len(output) <= max_output, output[:max_output].decode(errors="replace")
 
 def save(model, tokenizer, out_dir, args=None):
     """save_pretrained (LoRA merged into plain weights) + tokenizer + args.json; all ranks call it, rank 0 writes."""

@@ -30,7 +30,8 @@ Deviations, each also in the README (PAPERS 2.5, 2.6):
 - `--truncation_penalty` (0 = the paper) lowers the reward of a response cut at the length limit;
   like the official code, it sits on the last generated token.
 - Prompts longer than --max_prompt_tokens are dropped (counted), not cut.
-- Programs run in a subprocess with time, memory and file limits (the official code uses exec).
+- Programs run in a bubblewrap sandbox (README, Security; the official code uses exec), and the
+  answer counts only when the harness printed it and the program exited normally.
 - The reported checkpoint is the last one (the official `best/` is the best epoch on the test set).
 - Rerank's classifier learns from the samples of --rerank_sampler, by default --model (the official
   data: the epoch-2 warm-up model's samples; name that checkpoint to match).
@@ -38,6 +39,7 @@ Deviations, each also in the README (PAPERS 2.5, 2.6):
 """
 import copy
 import random
+import secrets
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -117,6 +119,8 @@ class Args:
     """zero (first values are 0) or default (the library's random init, as the official code)"""
     program_timeout: float = 10.0  # paper
     """seconds a model-written program may run"""
+    no_sandbox: bool = False
+    """where bubblewrap is missing: resource limits alone for programs (unsafe: README, Security)"""
     eval_max_total_tokens: int = 700  # official code: max_gen_length, prompt + response
     """length limit of prompt + response at greedy evaluation (each batch's padded prompt)"""
     vote_max_total_tokens: int = 1024  # official sampling.py: max_length
@@ -186,7 +190,7 @@ def check_golds(examples):
                  f"numbers: use a numeric task (gsm8k, svamp, arith) or fix that record")
 
 
-def program_answer(prompt, completion, timeout):
+def program_answer(prompt, completion, timeout, no_sandbox=False):
     """P-CoT: `def solution` up to the first blank line, run in a sandbox; float(solution()) or None."""
     program = prompt[prompt.rindex("def solution():"):] + completion
     lines = []
@@ -195,10 +199,13 @@ def program_answer(prompt, completion, timeout):
             break
         lines.append(line)
     code = "import math\ntry:\n    import sympy\nexcept ImportError:\n    pass\n" + "\n".join(lines).replace("sys.exit", "print")
-    ok, out = run_sandboxed(code + "\nprint(float(solution()))", timeout=timeout)
+    token = secrets.token_hex(16)  # fresh: only the harness's own last line carries it
+    ok, out = run_sandboxed(code + f"\nprint({token!r}, float(solution()))", timeout=timeout,
+                            no_sandbox=no_sandbox)
+    _, found, value = out.rpartition(token + " ")
     try:
-        return float(out.split()[-1]) if ok else None
-    except (ValueError, IndexError):
+        return float(value) if ok and found else None  # exited normally after the harness printed
+    except ValueError:
         return None
 
 
@@ -270,7 +277,7 @@ def make_prompt(args, question):
 
 def answer_of(args, prompt, completion_text):
     if args.cot == "program":
-        return program_answer(prompt, completion_text, args.program_timeout)
+        return program_answer(prompt, completion_text, args.program_timeout, args.no_sandbox)
     return numeric_answer(completion_text, answer_trigger(args.template))
 
 
@@ -427,6 +434,8 @@ def main(argv=None):
                               "lora_rank"])
     if args.mode != "train" or args.warmup_epochs == 0:  # PPO, Voting, Rerank need a trained start
         check_trained(args.model, "--model")
+    if args.cot == "program":
+        run_sandboxed("", no_sandbox=args.no_sandbox)  # stops here if programs cannot be sandboxed
     random.seed(args.seed)
     torch.manual_seed(args.seed)
     # PLUMBING: data, then the model, before any work

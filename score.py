@@ -29,6 +29,7 @@ attempt: they are the action that ended it, as EOS is, so log pi(y|x) includes t
 import os
 import random
 import re
+import secrets
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -126,6 +127,8 @@ class Args:
     """sequences per generation batch (training and greedy evaluation)"""
     program_timeout: float = 10.0
     """seconds a model-written program and its tests may run"""
+    no_sandbox: bool = False
+    """where bubblewrap is missing: resource limits alone for programs (unsafe: README, Security)"""
     lora_rank: int = 0
     """LoRA rank (0: full fine-tuning); the reference is then the model with adapters off"""
     seed: int = 0
@@ -251,7 +254,10 @@ def reward(problem, text, args):
     """r(y, y*) in {0, 1}: the final answer is right (math), or the program passes every test in the sandbox (code)."""
     if not problem.tests:
         return float(is_equiv(extract_answer(text), problem.answer))
-    return float(run_sandboxed(program_of(problem, text) + "\n\n" + problem.tests, timeout=args.program_timeout)[0])
+    token = secrets.token_hex(16)  # fresh: printed only when the harness got past its last test
+    program = program_of(problem, text) + "\n\n" + problem.tests + f"\nprint({token!r})\n"
+    ok, out = run_sandboxed(program, timeout=args.program_timeout, no_sandbox=args.no_sandbox)
+    return float(ok and out.endswith(token + "\n"))
 
 
 def rewards(problems, texts, args, device=None):
@@ -439,6 +445,8 @@ def main(argv=None):
     test_set = load_problems(args.test_task or args.task, "test", args)[:args.n_eval or None]
     if not train_set or not test_set:
         fail(f"no problems in {args.task!r} (train) or {args.test_task or args.task!r} (test)")
+    if any(problem.tests for problem in train_set + test_set):
+        run_sandboxed("", no_sandbox=args.no_sandbox)  # stops here if programs cannot be sandboxed
     model, tokenizer = load_model(args.model, lora_rank=args.lora_rank, seed=args.seed,
                                   reference=True)  # seeds torch
     first_turns = [render(tokenizer, [p.user], args) for p in test_set]
