@@ -1,0 +1,114 @@
+"""Kill and resume: a run stopped mid-stage, then resumed, ends with the numbers and weights of a run
+never stopped; a stage or a state is reused only with the settings it was made with; saves are
+atomic."""
+import json
+import os
+from collections import Counter
+
+import pytest
+import torch
+
+import common
+import reft_ppo
+import sft
+from common import load_model, load_task, save
+
+TIMING = ("seconds", "tokens_per_s")  # wall-clock readings: the only numbers a resume may change
+
+
+@pytest.fixture(scope="module")
+def start(tmp_path_factory):
+    """A toy start: tiny after one SFT step on arith (the RL scripts start from a trained model)."""
+    model, tokenizer = load_model("tiny", seed=0)
+    pairs = [(sft.prompt_for("self_explore", e.question), sft.target_for("self_explore", e))
+             for e in load_task("arith:n_train=8,n_test=4", "train")]
+    recipe = sft.Args(template="self_explore", epochs=1, lr=3e-3, batch_size=8, micro_batch_size=8,
+                      seed=0)
+    sft.train(model, tokenizer, pairs, recipe)
+    path = str(tmp_path_factory.mktemp("start") / "sft")
+    save(model, tokenizer, path, recipe)
+    return path
+
+
+def kill_on_call(monkeypatch, module, name, call):
+    """module.name raises KeyboardInterrupt on its call-th call: a kill at that point of the run."""
+    original, calls = getattr(module, name), Counter()
+
+    def dying(*args, **kwargs):
+        calls[name] += 1
+        if calls[name] == call:
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+    monkeypatch.setattr(module, name, dying)
+
+
+def count_calls(monkeypatch, module, name):
+    original, calls = getattr(module, name), Counter()
+
+    def counted(*args, **kwargs):
+        calls[name] += 1
+        return original(*args, **kwargs)
+    monkeypatch.setattr(module, name, counted)
+    return calls
+
+
+def rows(out_dir, name="metrics.jsonl"):
+    with open(os.path.join(out_dir, name)) as f:
+        return [{k: v for k, v in json.loads(line).items() if k not in TIMING} for line in f]
+
+
+def assert_same_weights(path_a, path_b):
+    a, b = (load_model(path)[0].state_dict() for path in (path_a, path_b))
+    assert a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in a)
+
+
+def test_reft_killed_mid_epoch_resumes_to_the_numbers_and_weights_of_an_unbroken_run(
+        tmp_path, start, monkeypatch):
+    flags = ["--preset", "toy", "--model", start, "--task", "arith:n_train=8,n_test=4", "--epochs",
+             "3", "--rollout_batch_size", "4", "--micro_batch_size", "4", "--max_total_tokens", "40",
+             "--eval_max_new_tokens", "12"]
+    whole, killed = str(tmp_path / "whole"), str(tmp_path / "killed")
+    reft_ppo.main(flags + ["--out_dir", whole])
+    kill_on_call(monkeypatch, reft_ppo, "rollout", 6)  # epoch 3, after its first rollout was logged
+    with pytest.raises(KeyboardInterrupt):
+        reft_ppo.main(flags + ["--out_dir", killed])
+    monkeypatch.undo()
+    with pytest.raises(SystemExit, match="add --resume"):  # a fresh run never joins a killed one
+        reft_ppo.main(flags + ["--out_dir", killed])
+    with pytest.raises(SystemExit, match="--lr 2e-05 .now 0.001."):  # nor one with another lr
+        reft_ppo.main(flags + ["--out_dir", killed, "--resume", "--lr", "1e-3"])
+    calls = count_calls(monkeypatch, reft_ppo, "rollout")
+    reft_ppo.main(flags + ["--out_dir", killed, "--resume"])
+    assert calls["rollout"] == 2  # epoch 3 only: epochs 1 and 2 come from the state
+    assert rows(killed) == rows(whole)
+    assert rows(killed, "samples.jsonl") == rows(whole, "samples.jsonl")
+    assert [row["step"] for row in rows(killed)].count("rollout 5") == 1
+    assert_same_weights(whole, killed)
+
+
+def test_a_save_killed_midway_never_leaves_a_folder_that_looks_finished(tmp_path, monkeypatch):
+    model, tokenizer = load_model("tiny", seed=0)
+    out_dir, args = str(tmp_path / "checkpoint"), sft.Args()
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(common.json, "dump", killed)  # while args.json (saved = finished) is written
+    with pytest.raises(KeyboardInterrupt):
+        save(model, tokenizer, out_dir, args)
+    assert not os.path.exists(os.path.join(out_dir, "args.json"))
+    monkeypatch.undo()
+    save(model, tokenizer, out_dir, args)
+    before = load_model(out_dir)[0].state_dict()
+    with torch.no_grad():
+        model.get_input_embeddings().weight.add_(1.0)
+    monkeypatch.setattr(tokenizer, "save_pretrained", killed)  # after the new weights are written
+    with pytest.raises(KeyboardInterrupt):
+        save(model, tokenizer, out_dir, args)
+    assert os.path.isfile(os.path.join(out_dir, "args.json"))  # the earlier checkpoint, unchanged
+    after = load_model(out_dir)[0].state_dict()
+    assert all(torch.equal(value, after[key]) for key, value in before.items())
+    monkeypatch.undo()
+    save(model, tokenizer, out_dir, args)
+    assert os.listdir(tmp_path) == ["checkpoint"]  # no temporary folder left behind
+    saved = load_model(out_dir)[0].get_input_embeddings().weight
+    assert torch.equal(saved, model.get_input_embeddings().weight)
