@@ -10,6 +10,7 @@ import torch
 
 import common
 import reft_ppo
+import score
 import sft
 from common import load_model, load_task, save
 
@@ -112,3 +113,26 @@ def test_a_save_killed_midway_never_leaves_a_folder_that_looks_finished(tmp_path
     assert os.listdir(tmp_path) == ["checkpoint"]  # no temporary folder left behind
     saved = load_model(out_dir)[0].get_input_embeddings().weight
     assert torch.equal(saved, model.get_input_embeddings().weight)
+
+
+def test_score_killed_in_stage_two_resumes_to_the_numbers_and_weights_of_an_unbroken_run(
+        tmp_path, start, monkeypatch):
+    flags = ["--preset", "toy", "--model", start, "--task", "arith:n_train=8,n_test=4",
+             "--batch_size", "4", "--samples_per_prompt", "2", "--max_new_tokens", "6",
+             "--format_warmup_epochs", "0", "--stage1_steps", "3", "--stage2_steps", "2",
+             "--save_every", "2"]
+    whole, killed = str(tmp_path / "whole"), str(tmp_path / "killed")
+    score.main(flags + ["--out_dir", whole])
+    kill_on_call(monkeypatch, score, "rollout", 4)  # stage 2, step 1: the last state is stage 1's step 2
+    with pytest.raises(KeyboardInterrupt):
+        score.main(flags + ["--out_dir", killed])
+    monkeypatch.undo()
+    with pytest.raises(SystemExit, match="add --resume"):
+        score.main(flags + ["--out_dir", killed])
+    calls = count_calls(monkeypatch, score, "rollout")
+    score.main(flags + ["--out_dir", killed, "--resume"])
+    assert calls["rollout"] == 3  # stage 1's step 3 (its log and evaluation redone once), stage 2
+    assert rows(killed) == rows(whole)
+    assert rows(killed, "samples.jsonl") == rows(whole, "samples.jsonl")
+    for stage in ("stage1", "stage2"):
+        assert_same_weights(os.path.join(whole, stage), os.path.join(killed, stage))
