@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import common
+import guided_self_improve as gsi
 import reft_ppo
 import score
 import sft
@@ -123,7 +124,7 @@ def test_score_killed_in_stage_two_resumes_to_the_numbers_and_weights_of_an_unbr
              "--save_every", "2"]
     whole, killed = str(tmp_path / "whole"), str(tmp_path / "killed")
     score.main(flags + ["--out_dir", whole])
-    kill_on_call(monkeypatch, score, "rollout", 4)  # stage 2, step 1: the last state is stage 1's step 2
+    kill_on_call(monkeypatch, score, "rollout", 4)  # stage 2, step 1; last state: stage 1, step 2
     with pytest.raises(KeyboardInterrupt):
         score.main(flags + ["--out_dir", killed])
     monkeypatch.undo()
@@ -136,3 +137,29 @@ def test_score_killed_in_stage_two_resumes_to_the_numbers_and_weights_of_an_unbr
     assert rows(killed, "samples.jsonl") == rows(whole, "samples.jsonl")
     for stage in ("stage1", "stage2"):
         assert_same_weights(os.path.join(whole, stage), os.path.join(killed, stage))
+
+
+def test_gsi_killed_in_an_iteration_resumes_to_the_numbers_and_weights_of_an_unbroken_run(
+        tmp_path, start, monkeypatch):
+    flags = ["--preset", "toy", "--sft_model", start, "--task", "arith:n_train=8,n_test=4",
+             "--iterations", "2", "--n_samples", "2", "--min_correct", "1", "--guided_rounds", "1",
+             "--train_sequences", "8", "--max_new_tokens", "8"]
+    whole, killed = str(tmp_path / "whole"), str(tmp_path / "killed")
+
+    def judge(text, answer):  # the toy start solves nothing: a grade that still follows the samples
+        return len(text) % 2 == 0
+    monkeypatch.setattr(gsi, "is_correct", judge)
+    gsi.main(flags + ["--out_dir", whole])
+    with monkeypatch.context() as patch:
+        kill_on_call(patch, gsi, "iteration_metrics", 2)  # iteration 1, its samples written
+        with pytest.raises(KeyboardInterrupt):
+            gsi.main(flags + ["--out_dir", killed])
+    with pytest.raises(SystemExit, match="add --resume"):  # never a second run's rows in its files
+        gsi.main(flags + ["--out_dir", killed])
+    calls = count_calls(monkeypatch, gsi, "collect_samples")
+    gsi.main(flags + ["--out_dir", killed, "--resume"])
+    assert calls["collect_samples"] == 1  # iteration 1 only
+    assert rows(killed) == rows(whole)
+    for name in ("samples-0.jsonl", "samples-1.jsonl"):
+        assert rows(killed, name) == rows(whole, name) and len(rows(killed, name)) == 8
+    assert_same_weights(os.path.join(whole, "iter-1"), os.path.join(killed, "iter-1"))
