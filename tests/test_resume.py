@@ -12,6 +12,7 @@ import common
 import guided_self_improve as gsi
 import reft_ppo
 import score
+import sector
 import sft
 from common import load_model, load_task, save
 
@@ -163,3 +164,23 @@ def test_gsi_killed_in_an_iteration_resumes_to_the_numbers_and_weights_of_an_unb
     for name in ("samples-0.jsonl", "samples-1.jsonl"):
         assert rows(killed, name) == rows(whole, name) and len(rows(killed, name)) == 8
     assert_same_weights(os.path.join(whole, "iter-1"), os.path.join(killed, "iter-1"))
+
+
+def test_sector_killed_in_a_length_resumes_to_the_numbers_and_weights_of_an_unbroken_run(
+        tmp_path, monkeypatch):
+    flags = ["--preset", "toy", "--n0", "1", "--max_digits", "3", "--max_rounds", "1",
+             "--sup_problems", "32", "--n_problems", "16", "--replay", "16", "--n_eval", "8",
+             "--self_rounds", "1", "--collapse_below", "0"]
+    whole, killed = str(tmp_path / "whole"), str(tmp_path / "killed")
+    sector.main(flags + ["--out_dir", whole])
+    with monkeypatch.context() as patch:
+        kill_on_call(patch, sector, "format_table", 3)  # length 3 logged, not yet saved
+        with pytest.raises(KeyboardInterrupt):
+            sector.main(flags + ["--out_dir", killed])
+    with pytest.raises(SystemExit, match="add --resume"):
+        sector.main(flags + ["--out_dir", killed])
+    calls = count_calls(monkeypatch, sector, "label_problems")
+    sector.main(flags + ["--out_dir", killed, "--resume"])
+    assert calls["label_problems"] == 1  # length 3 only
+    assert rows(killed) == rows(whole)
+    assert_same_weights(whole, killed)
