@@ -3,6 +3,7 @@ never stopped; a stage or a state is reused only with the settings it was made w
 atomic."""
 import json
 import os
+import zlib
 from collections import Counter
 
 import pytest
@@ -13,6 +14,7 @@ import guided_self_improve as gsi
 import reft_ppo
 import score
 import sector
+import self_explore
 import sft
 from common import load_model, load_task, save
 
@@ -21,16 +23,22 @@ TIMING = ("seconds", "tokens_per_s")  # wall-clock readings: the only numbers a 
 
 @pytest.fixture(scope="module")
 def start(tmp_path_factory):
-    """A toy start: tiny after one SFT step on arith (the RL scripts start from a trained model)."""
+    """A toy start: tiny after 8 SFT steps on arith (the RL scripts start from a trained model); it
+    writes varied ASCII, so that the samples differ."""
     model, tokenizer = load_model("tiny", seed=0)
     pairs = [(sft.prompt_for("self_explore", e.question), sft.target_for("self_explore", e))
              for e in load_task("arith:n_train=8,n_test=4", "train")]
-    recipe = sft.Args(template="self_explore", epochs=1, lr=3e-3, batch_size=8, micro_batch_size=8,
-                      seed=0)
+    recipe = sft.Args(template="self_explore", epochs=8, lr=3e-3, warmup_ratio=0.0, batch_size=8,
+                      micro_batch_size=8, seed=0)
     sft.train(model, tokenizer, pairs, recipe)
     path = str(tmp_path_factory.mktemp("start") / "sft")
     save(model, tokenizer, path, recipe)
     return path
+
+
+def judge(text, answer):
+    """A grade for toy models that solve nothing: right for half the texts, as they come."""
+    return zlib.crc32(text.encode()) % 2 == 0
 
 
 def kill_on_call(monkeypatch, module, name, call):
@@ -146,9 +154,6 @@ def test_gsi_killed_in_an_iteration_resumes_to_the_numbers_and_weights_of_an_unb
              "--iterations", "2", "--n_samples", "2", "--min_correct", "1", "--guided_rounds", "1",
              "--train_sequences", "8", "--max_new_tokens", "8"]
     whole, killed = str(tmp_path / "whole"), str(tmp_path / "killed")
-
-    def judge(text, answer):  # the toy start solves nothing: a grade that still follows the samples
-        return len(text) % 2 == 0
     monkeypatch.setattr(gsi, "is_correct", judge)
     gsi.main(flags + ["--out_dir", whole])
     with monkeypatch.context() as patch:
@@ -184,3 +189,58 @@ def test_sector_killed_in_a_length_resumes_to_the_numbers_and_weights_of_an_unbr
     assert calls["label_problems"] == 1  # length 3 only
     assert rows(killed) == rows(whole)
     assert_same_weights(whole, killed)
+
+
+SELF_EXPLORE = ["--preset", "toy", "--task", "arith:n_train=10,n_test=2", "--n_val", "2",
+                "--n_samples", "4", "--explore_k", "1", "--rft_epochs", "1", "--dpo_epochs", "2",
+                "--dpo_batch_size", "4", "--max_new_tokens", "8"]
+STAGE_FILES = ("eval-sft.jsonl", "samples.jsonl", "rft.jsonl", "pairs.jsonl", "eval-rft.jsonl",
+               "explore.jsonl", "gpairs.jsonl", "eval-dpo-gpair.jsonl")
+
+
+@pytest.fixture
+def self_explore_run(tmp_path, start, monkeypatch):
+    """An unbroken Self-Explore run from the toy start, graded by `judge`."""
+    monkeypatch.setattr(self_explore, "is_correct", judge)
+    whole = str(tmp_path / "whole")
+    self_explore.main(SELF_EXPLORE + ["--sft_model", start, "--out_dir", whole])
+    return whole
+
+
+def test_self_explore_killed_in_dpo_resumes_to_the_files_and_weights_of_an_unbroken_run(
+        self_explore_run, tmp_path, start, monkeypatch):
+    whole, killed = self_explore_run, str(tmp_path / "killed")
+    flags = SELF_EXPLORE + ["--sft_model", start, "--out_dir", killed]
+    with monkeypatch.context() as patch:
+        kill_on_call(patch, self_explore, "dpo_loss", 2)  # DPO's second step
+        with pytest.raises(KeyboardInterrupt):
+            self_explore.main(flags)
+    evaluated = count_calls(monkeypatch, self_explore, "evaluate")
+    sampled = count_calls(monkeypatch, self_explore, "sampler")
+    self_explore.main(flags)
+    assert evaluated["evaluate"] == 2 and not sampled  # the DPO model's evaluation only
+    for name in STAGE_FILES:
+        assert rows(killed, name) == rows(whole, name), name
+    last = {row["step"]: row for row in rows(killed)}  # the resumed run's rows come last
+    assert [last[step] for step in ("dpo 1", "dpo 2", "eval dpo-gpair")] == [
+        row for row in rows(whole) if row["step"] in ("dpo 1", "dpo 2", "eval dpo-gpair")]
+    for stage in ("rft", "dpo-gpair"):
+        assert_same_weights(os.path.join(whole, stage), os.path.join(killed, stage))
+
+
+def test_self_explore_reuses_a_stage_only_with_the_settings_it_was_made_with(
+        self_explore_run, tmp_path, start, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("work started before the mismatch was found")
+    monkeypatch.setattr(self_explore, "generate", refuse)
+    monkeypatch.setattr(self_explore.sft, "train", refuse)
+    other = str(tmp_path / "other-sft")
+    save(*load_model("tiny", seed=1), other)
+    flags = SELF_EXPLORE + ["--out_dir", self_explore_run]
+    for changed, message in [
+            (["--n_samples", "6"], r"samples.jsonl was made with --n_samples 4 \(now 6\)"),
+            (["--rft_epochs", "2"], r"rft was made with --rft_epochs 1 \(now 2\)"),
+            (["--dpo_lr", "1e-4"], r"dpo-gpair was made with --dpo_lr 1e-05 \(now 0.0001\)"),
+            (["--sft_model", other], "eval-sft.jsonl was made with --sft_model .*delete it")]:
+        with pytest.raises(SystemExit, match=message):
+            self_explore.main(flags + ["--sft_model", start] + changed)
