@@ -14,7 +14,7 @@ steps before the pit, rejected = the pit step, chosen = a correct continuation f
     python self_explore.py --preset toy [--pairs outcome]   # tiny on arith from runs/toy-sft, CPU
 
 Implements 3.1 steps 1-10 (GSM8K) and Eq. (DPO) of 3.2 with its tokenisation; every stage saves its
-output under --out_dir, and a rerun resumes after the last finished stage.
+output under --out_dir, and a rerun reuses every finished stage made with the same settings.
 Quirks of the official code reproduced by default: EOS on chosen, not on rejected (--eos_on_rejected);
 a rejected text of several lines is cut before `The answer is` and stripped (--cut_rejected_answer).
 Bugs not reproduced: the filter meant to drop chosen candidates that contain the rejected step tests
