@@ -29,7 +29,8 @@ import torch
 import torch.distributed as dist
 from tokenizers import Tokenizer, decoders, models, processors
 from torch import nn
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                     get_state_dict, set_state_dict)
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
@@ -680,7 +681,9 @@ def run_sandboxed(code, *, timeout=10.0, memory_mb=1024, max_output=2 ** 20, no_
     return status == 0 and len(output) <= max_output, output[:max_output].decode(errors="replace")
 
 def save(model, tokenizer, out_dir, args=None):
-    """save_pretrained (LoRA merged into plain weights) + tokenizer + args.json; all ranks call it, rank 0 writes."""
+    """save_pretrained (LoRA merged into plain weights) + tokenizer + args.json; all ranks call it,
+    rank 0 writes into a folder next to out_dir, then renames it: a kill never leaves one that looks
+    finished."""
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if RANK == 0:
         for name, module in model.named_modules():
@@ -689,13 +692,99 @@ def save(model, tokenizer, out_dir, args=None):
                 state[f"{name}.weight"] = (weight.float() + module.scale * lora_b @ lora_a).to(weight.dtype)
                 if module.base.bias is not None:
                     state[f"{name}.bias"] = state.pop(f"{name}.base.bias")
-        model.save_pretrained(out_dir, state_dict=state)
-        tokenizer.save_pretrained(out_dir)
+        temporary = out_dir.rstrip("/") + ".saving"  # a kill leaves this unfinished, never out_dir
+        shutil.rmtree(temporary, ignore_errors=True)  # what a killed save left
+        model.save_pretrained(temporary, state_dict=state)
+        tokenizer.save_pretrained(temporary)
         if args is not None:
-            with open(os.path.join(out_dir, "args.json"), "w") as f:
+            with open(os.path.join(temporary, "args.json"), "w") as f:
                 json.dump(dataclasses.asdict(args), f, indent=2)
+        if not os.path.isdir(out_dir):
+            os.replace(temporary, out_dir)
+        else:  # a run folder (logs, stages) or an older save: swap the files, args.json last
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(out_dir, "args.json"))
+            for name in sorted(os.listdir(temporary), key=lambda name: name == "args.json"):
+                os.replace(os.path.join(temporary, name), os.path.join(out_dir, name))
+            os.rmdir(temporary)
     if WORLD > 1:
         dist.barrier()
+
+def start_run(args):
+    """Never two runs in one out_dir. A fresh run needs a folder without one (its settings go to
+    run.json); --resume needs the recorded settings and returns out_dir/state.pt to continue from
+    (None: no state saved yet, so the logs are cleared and the run starts over)."""
+    record, state = (os.path.join(args.out_dir, name) for name in ("run.json", "state.pt"))
+    settings = {key: value for key, value in dataclasses.asdict(args).items() if key != "resume"}
+    earlier = [os.path.join(args.out_dir, name) for name in ("run.json", "metrics.jsonl")]
+    if not args.resume and any(map(os.path.exists, earlier)):
+        fail(f"{args.out_dir} holds an earlier run: add --resume to continue it, or start afresh "
+             f"in another --out_dir")
+    if args.resume and not os.path.isfile(record):
+        fail(f"{args.out_dir} holds no run to resume (no run.json): drop --resume to start one")
+    recorded = json.load(open(record)) if args.resume else settings
+    differ = [f"--{key} {recorded.get(key)!r} (now {value!r})" for key, value in settings.items()
+              if recorded.get(key) != value]
+    if differ:
+        fail(f"{args.out_dir} was run with {', '.join(differ)}: resume with those, or start afresh "
+             f"in another --out_dir")
+    if WORLD > 1:
+        dist.barrier()  # every rank has looked before rank 0 writes
+    resumable = args.resume and os.path.isfile(state)
+    if RANK == 0 and not args.resume:
+        os.makedirs(args.out_dir, exist_ok=True)
+        with open(record, "w") as f:
+            json.dump(settings, f, indent=2)
+    elif RANK == 0 and not resumable:
+        _cut_logs(args.out_dir, {})  # killed before its first state: start over
+    return state if resumable else None
+
+def _cut_logs(folder, sizes):
+    """The logs (*.jsonl) back to their sizes at a saved state; one begun after it is removed."""
+    for name in [name for name in os.listdir(folder) if name.endswith(".jsonl")]:
+        if name in sizes:
+            os.truncate(os.path.join(folder, name), sizes[name])
+        else:
+            os.remove(os.path.join(folder, name))
+
+def save_state(path, model=None, optimizer=None, **extra):
+    """A resumable state at path, in the run folder: full weights and optimiser (plain/DDP/FSDP2),
+    every rank's RNG streams, the logs' sizes and `extra` (step, generators...). All ranks call it;
+    rank 0 writes, to a temporary file then renamed (one node: every rank reads it back)."""
+    full = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    weights, moments = {}, {}
+    if model is not None:
+        weights, moments = get_state_dict(model, optimizer or [], options=full)
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+    rngs = [(random.getstate(), torch.get_rng_state(), cuda)]
+    if WORLD > 1:
+        dist.all_gather_object(rngs := [None] * WORLD, rngs[0])
+    if RANK == 0:
+        folder = os.path.dirname(path) or "."
+        logs = {name: os.path.getsize(os.path.join(folder, name)) for name in os.listdir(folder)
+                if name.endswith(".jsonl")}
+        state = dict(weights=weights, optimizer=moments, rngs=rngs, logs=logs, extra=extra)
+        torch.save(state, path + ".tmp")
+        os.replace(path + ".tmp", path)
+    if WORLD > 1:
+        dist.barrier()
+
+def load_state(path, model=None, optimizer=None):
+    """save_state's extra values, after loading the weights and optimiser into model and optimizer,
+    restoring this rank's RNG streams and cutting the logs back to that moment."""
+    state = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+    if model is not None:
+        full = StateDictOptions(full_state_dict=True)
+        set_state_dict(model, optimizer or [], model_state_dict=state["weights"],
+                       optim_state_dict=state["optimizer"], options=full)
+    python, cpu, cuda = state["rngs"][RANK]
+    random.setstate(python)
+    torch.set_rng_state(cpu.clone())
+    if cuda:
+        torch.cuda.set_rng_state_all(cuda)
+    if RANK == 0:
+        _cut_logs(os.path.dirname(path) or ".", state["logs"])
+    return state["extra"]
 
 class Logger:
     """Metrics to stdout and out_dir/metrics.jsonl; samples to out_dir/samples.jsonl. Rank 0 only: the others no-op."""

@@ -43,7 +43,8 @@ from tqdm.auto import tqdm
 
 import sft
 from common import (RANK, WORLD, Logger, check_context, check_trained, evaluate, extract_answer,
-                    fail, generate, is_equiv, load_model, load_task, parse_args, save)
+                    fail, generate, is_equiv, load_model, load_state, load_task, parse_args, save,
+                    save_state, start_run)
 from common import check_args as check_common
 
 STRATEGIES = ("none", "brute_force", "answer_driven", "rationale_driven", "state_reset", "interactive")
@@ -73,6 +74,8 @@ class Args:
     pair uses its plain prompt"""
     out_dir: str = "runs/gsi"
     """run folder: metrics.jsonl, each iteration's model (iter-t) and samples (samples-t.jsonl)"""
+    resume: bool = False
+    """continue the run in --out_dir after its last finished iteration (same settings)"""
     iterations: int = 4  # paper: t = 0..3
     """models trained: M_0 (SFT on gold rationales) up to M_{iterations-1}"""
     n_questions: int = 0
@@ -360,6 +363,7 @@ def main(argv=None):
                "training question": [plain(e) for e in questions]}
     check_context(first, tokenizer, prompts, max_length=args.max_length)
     del first
+    state = start_run(args)  # PLUMBING: one run per folder; --resume continues it
     logger = Logger(args.out_dir)
 
     def reference(example):  # the gold rationale, ending in "The answer is x"
@@ -370,8 +374,11 @@ def main(argv=None):
                       max_length=args.max_length, out_dir=args.out_dir, seed=args.seed)
     pairs, totals, hard_at_iter0 = [(plain(e), reference(e)) for e in sft_set], Counter(), []
     print(f"GSI ({args.strategy}): {len(questions)} training questions of {args.task}, {len(test_set)} test questions")
+    # PLUMBING: a resumed run starts after its last finished iteration, with the data that one made
+    done = load_state(state) if state else dict(t=0, pairs=pairs, totals=totals, hard_at_iter0=[])
+    pairs, totals, hard_at_iter0 = done["pairs"], done["totals"], done["hard_at_iter0"]
 
-    for t in range(args.iterations):
+    for t in range(done["t"], args.iterations):
         started = time.time()
         # 1. ALGO: M_t = SFT(base model, D_t); every iteration restarts from the base model. D_0: gold rationales
         if t == 0 and args.sft_model:
@@ -414,6 +421,8 @@ def main(argv=None):
                    teacher_tokens=stats["teacher_tokens"], reset_copied=stats["reset_copied"],
                    total_samples=totals["samples"], total_tokens=totals["tokens"],
                    total_teacher_samples=totals["teacher_samples"], seconds=round(time.time() - started, 1))
+        save_state(os.path.join(args.out_dir, "state.pt"), t=t + 1, pairs=pairs, totals=totals,
+                   hard_at_iter0=hard_at_iter0)
 
 
 if __name__ == "__main__":

@@ -38,6 +38,7 @@ Deviations, each also in the README (PAPERS 2.5, 2.6):
 - Prompts carry the tokenizer's BOS, as in sft.py.
 """
 import copy
+import os
 import random
 import secrets
 import time
@@ -51,8 +52,8 @@ from tqdm.auto import tqdm
 import sft
 from common import (RANK, Logger, adapters_disabled, all_reduce, autocast, batch_sequences,
                     check_args, check_context, check_trained, fail, gather, generate,
-                    gradient_checkpointing, load_model, load_task, parse_args, run_sandboxed, save,
-                    shard, token_logprobs, wrap_model)
+                    gradient_checkpointing, load_model, load_state, load_task, parse_args,
+                    run_sandboxed, save, save_state, shard, start_run, token_logprobs, wrap_model)
 
 
 @dataclass
@@ -73,6 +74,10 @@ class Args:
     """train: warm-up + PPO; vote: Voting@k of --model; rerank: Rerank@k of --model"""
     out_dir: str = "runs/reft"
     """where checkpoints, metrics.jsonl and samples.jsonl go"""
+    save_every: int = 1
+    """save a resumable state (out_dir/state.pt) after every this many PPO epochs (0: never)"""
+    resume: bool = False
+    """continue the run in --out_dir from its last state (same settings) instead of a fresh one"""
     warmup_epochs: int = 2  # paper: the epoch-2 checkpoint of a 40-epoch SFT schedule
     """warm-up SFT epochs (0: --model is already warmed up)"""
     warmup_schedule_epochs: int = 40  # paper
@@ -461,8 +466,9 @@ def main(argv=None):
         logger.log("rerank", classifier_examples=n_data, **{f"rerank@{args.vote_k}": reranked})
         return
 
+    resume_from = start_run(args)  # PLUMBING: one run per folder; --resume continues from its state
     # 1. warm-up: SFT from the base model; the result initialises the policy and is the frozen reference
-    if args.warmup_epochs > 0:
+    if args.warmup_epochs > 0 and not resume_from:  # resumed: out_dir/warmup is saved
         template = "reft_program" if args.cot == "program" else args.template
         pairs = [(sft.prompt_for(template, ex.question), sft.target_for(template, ex)) for ex in kept]
         sft.train(model, tokenizer, pairs, sft.Args(template=template, epochs=args.warmup_epochs, lr=args.warmup_lr,
@@ -504,9 +510,12 @@ def main(argv=None):
                         for ex, c, p in list(zip(test_set, completions, preds))[:10]])
         logger.log(step, test_accuracy=accuracy(preds, test_set))
 
-    log_test_accuracy("ppo 0")
-    step = 0
-    for epoch in range(1, args.epochs + 1):
+    # PLUMBING: a resumed run goes on from its last state (weights, value head, AdamW, RNG streams)
+    done = load_state(resume_from, policy, optimizer) if resume_from else dict(epoch=0, step=0)
+    if not resume_from:
+        log_test_accuracy("ppo 0")
+    step = done["step"]
+    for epoch in range(done["epoch"] + 1, args.epochs + 1):
         order = random.sample(kept, len(kept))
         for start in tqdm(range(0, len(order), args.rollout_batch_size), desc=f"ppo epoch {epoch}", leave=False):
             # 3.-8. sample one path per question, score it, and turn the rewards into whitened advantages
@@ -519,6 +528,9 @@ def main(argv=None):
             logger.log(f"rollout {step}", epoch=epoch, **stats)
             logger.samples([dict(step=step, **s) for s in samples[:2]])
         log_test_accuracy(f"ppo {epoch}")  # 10. greedy evaluation after every epoch
+        if args.save_every and epoch % args.save_every == 0:  # PLUMBING
+            state = os.path.join(args.out_dir, "state.pt")
+            save_state(state, policy, optimizer, epoch=epoch, step=step)
     del model.value_head  # not part of the saved policy
     save(model, tokenizer, args.out_dir, args)
     print(f"saved {args.out_dir}")

@@ -40,9 +40,9 @@ import torch
 import sft
 from common import (RANK, Logger, adapters_disabled, all_reduce, batch_sequences, check_args,
                     check_context, check_trained, extract_answer, fail, gather, generate,
-                    gradient_checkpointing, hub_rows, is_equiv, load_model, load_task,
-                    not_a_test_set, parse_args, read_records, run_sandboxed, save, shard,
-                    token_logprobs, wrap_model)
+                    gradient_checkpointing, hub_rows, is_equiv, load_model, load_state, load_task,
+                    not_a_test_set, parse_args, read_records, run_sandboxed, save, save_state, shard,
+                    start_run, token_logprobs, wrap_model)
 
 MATH_PROMPT = ("You are a math expert. When you respond, respond only with the Solution of the final Problem, thinking "
                "step by step. At the end of the Solution, when you give your final answer, write it in the form "
@@ -78,6 +78,10 @@ class Args:
     """render the turns with the tokenizer's chat template when it has one (else {x1}{y1}\\n\\n{p1}\\n)"""
     out_dir: str = "runs/score"
     """where the checkpoints of each stage, metrics.jsonl and samples.jsonl go"""
+    save_every: int = 50  # our choice: 60 states over Table 5's 3000 steps
+    """save a resumable state (out_dir/state.pt) every this many RL steps (0: never)"""
+    resume: bool = False
+    """continue the run in --out_dir from its last state (same settings) instead of a fresh one"""
     format_warmup_epochs: int = 0  # toy only, a deviation
     """SFT epochs teaching the two-turn format before RL, on self-generated second attempts
     (0: none; the toy's SFT model has never seen a second turn)"""
@@ -401,11 +405,15 @@ def reference_of(model, args, path=None):
     return lambda input_ids, attention_mask: token_logprobs(frozen, input_ids, attention_mask, temperature=args.temperature)
 
 
-def train_stage(model, policy, reference, tokenizer, problems, stage, steps, args, logger, name):
+def train_stage(model, policy, reference, tokenizer, problems, stage, steps, args, logger, name,
+                state=None):
     """steps optimiser steps of one stage: sample batch_size trajectories (each rank its share), score, one update."""
     optimizer = torch.optim.Adam([p for p in policy.parameters() if p.requires_grad], lr=args.lr)  # paper: Adam
     rng, order, per_step = random.Random(f"{args.seed}-{stage}"), [], args.batch_size // args.samples_per_prompt
-    for step in range(1, steps + 1):
+    # PLUMBING: from a saved state (save_state's file) the stage goes on: weights, Adam, RNG, order
+    done = load_state(state, policy, optimizer) if state else dict(step=0, rng=rng, order=order)
+    rng, order = done["rng"], done["order"]
+    for step in range(done["step"] + 1, steps + 1):
         if len(order) < per_step:  # epochs over the problems, each in a new seeded order
             order += rng.sample(range(len(problems)), len(problems))
         batch, order = [problems[i] for i in order[:per_step]], order[per_step:]
@@ -422,6 +430,9 @@ def train_stage(model, policy, reference, tokenizer, problems, stage, steps, arg
         stats = dict(zip(stats, all_reduce(torch.tensor(list(stats.values()), device=model.device), True).tolist()))
         logger.log(f"{name} {step}", **stats, seconds=time.time() - start)
         logger.samples([dict(step=f"{name} {step}", **row) for row in roll["samples"]])
+        if args.save_every and step % args.save_every == 0:  # PLUMBING: a state to resume from
+            path = os.path.join(args.out_dir, "state.pt")
+            save_state(path, policy, optimizer, stage=name, step=step, rng=rng, order=order)
 
 
 def main(argv=None):
@@ -453,6 +464,8 @@ def main(argv=None):
     check_context(model, tokenizer, {"test problem": first_turns})
     if RANK > 0:  # each rank its own sampling stream (ReFT's code: seed + rank)
         torch.manual_seed(args.seed + RANK)
+    state = start_run(args)  # PLUMBING: one run per folder; --resume goes on from its last state
+    resumed = load_state(state)["stage"] if state else None  # the stage it was saved in
     logger = Logger(args.out_dir)
 
     def report(name):
@@ -461,9 +474,10 @@ def main(argv=None):
         logger.samples([dict(step=f"eval {name}", **row) for row in records[:10]])
 
     # 1. PLUMBING: the starting model, greedy: Acc@t1, Acc@t2, Delta, Delta i->c, Delta c->i
-    report("start")
+    if not resumed:
+        report("start")
     # 2. toy only: teach the two-turn format (format_warmup); its result is the base model and the KL reference
-    if args.format_warmup_epochs > 0:
+    if args.format_warmup_epochs > 0 and not resumed:  # resumed: out_dir/base is saved
         format_warmup(model, tokenizer, train_set, args, logger)
         save(model, tokenizer, os.path.join(args.out_dir, "base"), args)
         report("base")
@@ -474,11 +488,16 @@ def main(argv=None):
     policy = wrap_model(model)  # DDP or FSDP2 under torchrun
     stages = [(0, "single_turn", args.stage1_steps + args.stage2_steps)] if args.single_turn else \
         [(1, "stage1", args.stage1_steps), (2, "stage2", args.stage2_steps)]
+    names = [name for _, name, _ in stages]
     for stage, name, steps in [s for s in stages if s[2] > 0]:
+        if resumed and names.index(name) < names.index(resumed):
+            continue  # finished (saved and reported) before the state was saved
         if stage == 2 and args.stage2_reference == "stage1" and args.stage1_steps > 0:
             reference = reference_of(model, args, os.path.join(args.out_dir, "stage1"))
         # 3. ALGO: Stage I (Eq. 3), then Stage II (Eq. 4) from its result; or single-turn RL (Eq. 2)
-        train_stage(model, policy, reference, tokenizer, train_set, stage, steps, args, logger, name)
+        resume_from = state if name == resumed else None
+        train_stage(model, policy, reference, tokenizer, train_set, stage, steps, args, logger,
+                    name, resume_from)
         save(model, tokenizer, os.path.join(args.out_dir, name), args)
         # 4. PLUMBING: greedy evaluation after each stage
         report(name)

@@ -83,6 +83,7 @@ Our choices, where the paper's are unknown (PAPERS 6.2-6.3):
 Deviation (PAPERS 6.3): a decoder-only causal LM (`tiny`, trained from scratch, by default) in place
 of the paper's 582M ByT5 encoder-decoder, so the script shares common.py; any causal LM name works.
 """
+import os
 import random
 import re
 import time
@@ -90,7 +91,9 @@ from collections import Counter
 from dataclasses import dataclass
 
 import sft
-from common import Logger, check_args as check_common, fail, generate, load_model, parse_args, save
+from common import (Logger, fail, generate, load_model, load_state, parse_args, save, save_state,
+                    start_run)
+from common import check_args as check_common
 
 FAST, SLOW = "=", ">"  # the prompt's last character picks the mode
 
@@ -103,6 +106,8 @@ class Args:
     """a causal LM: tiny (from scratch), a local checkpoint, a hub id or an alias"""
     out_dir: str = "runs/sector"
     """where the model, args.json and metrics.jsonl go"""
+    resume: bool = False
+    """continue the run in --out_dir after its last finished length (same settings)"""
     n0: int = 6  # paper: supervised on numbers of 6 or fewer digits
     """longest length with ground-truth examples (the curriculum covers 1..n0)"""
     max_digits: int = 30  # paper: self-taught up to 29 digits, accuracy falls at about 30
@@ -331,29 +336,39 @@ def main(argv=None):
     print(f"{args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters; "
           f"ground truth on 1..{args.n0} digits, self-training up to {args.max_digits}")
     buffer, table, start = {}, [], time.time()
+    # PLUMBING: one run per folder; --resume goes on after the last length finished, from its state
+    state, path = start_run(args), os.path.join(args.out_dir, "state.pt")
+    fresh = dict(next=args.n0 + 1, buffer=buffer, table=table, rng=rng, runs=runs)
+    done = load_state(state, model) if state else fresh
+    buffer, table, rng, runs = done["buffer"], done["table"], done["rng"], done["runs"]
 
     # 1. Supervised phase: a curriculum over 1..N0 digits with ground-truth fast and slow pairs
-    for n in range(1, args.n0 + 1):
-        for round_ in range(1, args.max_rounds + 1):
-            # ALGO: fresh problems, half at length n, half at a shorter or equal length
-            problems = [sample_problem(rng, n if rng.random() < 0.5 else rng.randint(1, n)) for _ in range(args.sup_problems)]
-            pairs = [supervised_pairs(p, rng.randint(1, args.pad_width)) for p in problems]
-            loss = finetune(model, tokenizer, [pair for two in pairs for pair in two], args, 1, next(runs))
-            for p, two in zip(problems, pairs):
-                buffer.setdefault(len(str(p[0])), []).extend(two)
-            checks = [sample_problem(rng, n) for _ in range(args.n_eval)]
-            fast, slow = accuracy(solve, checks, FAST), accuracy(solve, checks, SLOW)
-            logger.log(f"supervised {n}.{round_}", loss=loss, fast_acc=fast, slow_acc=slow)
-            if min(fast, slow) >= args.threshold:
-                break
-    table.append(("supervised", evaluate_lengths(args.n0 + 1)))
-    # PLUMBING: the precondition of 6.1 step 4, slow (CoT) steps already work one digit beyond N0
-    logger.log("supervised", slow_acc_next=accuracy(solve, eval_sets[args.n0 + 1], SLOW), seconds=round(time.time() - start))
-    print(format_table(table), flush=True)
-    save(model, tokenizer, args.out_dir, args)
+    if state is None:  # resumed: the state saved after it holds its model and data
+        for n in range(1, args.n0 + 1):
+            for round_ in range(1, args.max_rounds + 1):
+                # ALGO: fresh problems, half at length n, half at a shorter or equal length
+                problems = [sample_problem(rng, n if rng.random() < 0.5 else rng.randint(1, n))
+                            for _ in range(args.sup_problems)]
+                pairs = [supervised_pairs(p, rng.randint(1, args.pad_width)) for p in problems]
+                flat = [pair for two in pairs for pair in two]
+                loss = finetune(model, tokenizer, flat, args, 1, next(runs))
+                for p, two in zip(problems, pairs):
+                    buffer.setdefault(len(str(p[0])), []).extend(two)
+                checks = [sample_problem(rng, n) for _ in range(args.n_eval)]
+                fast, slow = accuracy(solve, checks, FAST), accuracy(solve, checks, SLOW)
+                logger.log(f"supervised {n}.{round_}", loss=loss, fast_acc=fast, slow_acc=slow)
+                if min(fast, slow) >= args.threshold:
+                    break
+        table.append(("supervised", evaluate_lengths(args.n0 + 1)))
+        # PLUMBING: the precondition of 6.1 step 4, slow (CoT) steps already work one digit past N0
+        slow_next = accuracy(solve, eval_sets[args.n0 + 1], SLOW)
+        logger.log("supervised", slow_acc_next=slow_next, seconds=round(time.time() - start))
+        print(format_table(table), flush=True)
+        save(model, tokenizer, args.out_dir, args)
+        save_state(path, model, next=args.n0 + 1, buffer=buffer, table=table, rng=rng, runs=runs)
 
     # 2. Self-training: N = N0+1, N0+2, ... with no new ground truth
-    for n in range(args.n0 + 1, args.max_digits + 1):
+    for n in range(done["next"], args.max_digits + 1):
         for round_ in range(1, args.self_rounds + 1):
             # ALGO 2a. fresh n-digit problems, labelled by simplify-then-guess + commutativity
             problems = [sample_problem(rng, n) for _ in range(args.n_problems)]
@@ -375,6 +390,8 @@ def main(argv=None):
         logger.log(f"self-train {n}", **{f"acc_{m}": acc for m, acc in accs.items()}, seconds=round(time.time() - start))
         print(format_table(table), flush=True)
         save(model, tokenizer, args.out_dir, args)
+        after = n + 1 if accs[n] >= args.collapse_below else args.max_digits + 1  # collapsed: done
+        save_state(path, model, next=after, buffer=buffer, table=table, rng=rng, runs=runs)
         # ALGO 2e. stop when the fast accuracy at the new length collapses (error avalanching)
         if accs[n] < args.collapse_below:
             print(f"accuracy at {n} digits collapsed to {accs[n]:.2f}: stopping")

@@ -14,7 +14,7 @@ steps before the pit, rejected = the pit step, chosen = a correct continuation f
     python self_explore.py --preset toy [--pairs outcome]   # tiny on arith from runs/toy-sft, CPU
 
 Implements 3.1 steps 1-10 (GSM8K) and Eq. (DPO) of 3.2 with its tokenisation; every stage saves its
-output under --out_dir, and a rerun resumes after the last finished stage.
+output under --out_dir, and a rerun reuses every finished stage made with the same settings.
 Quirks of the official code reproduced by default: EOS on chosen, not on rejected (--eos_on_rejected);
 a rejected text of several lines is cut before `The answer is` and stripped (--cut_rejected_answer).
 SFT and RFT as the official sft/: AdamW eps 1e-6, examples of 1024+ tokens dropped (not cut).
@@ -362,25 +362,75 @@ def train_dpo(model, tokenizer, data, args, logger):
 
 
 # ---------------------------------------------------------------- PLUMBING: stages and resume
-def cached_rows(path, build, seed):
-    """Resume: the rows an earlier run saved at `path`, else build()'s rows, saved there atomically."""
-    if os.path.exists(path):
-        print(f"resume: {path} exists, skipping its stage")
+DPO_SETTINGS = ("cut_rejected_answer eos_on_rejected beta dpo_lr dpo_epochs dpo_batch_size "
+                "max_length max_prompt_length")
+STAGES = {  # a stage's output (in --out_dir): the stage it is made from, the settings it adds
+    "sft": (None, "task n_val seed model sft_model loss_on_prompt sft_epochs sft_lr "
+            "sft_warmup_ratio sft_batch_size lora_rank"),
+    "samples.jsonl": ("sft", "n_samples temperature max_new_tokens"),
+    "rft.jsonl": ("samples.jsonl", "max_rft_per_question"),
+    "pairs.jsonl": ("rft.jsonl", ""),
+    "rft": ("rft.jsonl", "base_model rft_epochs"),
+    "explore.jsonl": ("rft", "explore_k"),  # explores pairs.jsonl, whose settings rft.jsonl has
+    "gpairs.jsonl": ("explore.jsonl", "drop_chosen_with_rejected_step"),
+    "dpo-gpair": ("gpairs.jsonl", DPO_SETTINGS),
+    "dpo-outcome": ("rft", DPO_SETTINGS),
+}
+
+
+def settings(stage, args):
+    """What a stage's output depends on: its settings and those of every stage it is made from
+    (eval-X.jsonl: X's and the generation budget). The batch sizes that only split the work are left
+    out: they change the rounding and which random numbers a row draws, not what is computed."""
+    if stage.startswith("eval-"):
+        parent, own = stage.removeprefix("eval-").removesuffix(".jsonl"), "max_new_tokens"
+    else:
+        parent, own = STAGES[stage]
+    inherited = settings(parent, args) if parent else {}
+    return inherited | {key: getattr(args, key) for key in own.split()}
+
+
+def finished(run, stage, args):
+    """Resume: whether run/stage was finished, with this run's settings (stages.json records them);
+    a stage made with other settings stops the run, naming them."""
+    path, records = os.path.join(run, stage), os.path.join(run, "stages.json")
+    made = json.load(open(records)).get(stage) if os.path.isfile(records) else None
+    if made is None or not os.path.exists(path):
+        return False  # never finished, or killed before its record: made again
+    wanted = settings(stage, args)
+    differ = [f"--{key} {made.get(key)!r} (now {value!r})" for key, value in wanted.items()
+              if made.get(key) != value]
+    if differ:
+        fail(f"{path} was made with {', '.join(differ)}: delete it and the stages after it to make "
+             f"them again, or start afresh in another --out_dir")
+    print(f"resume: {path} is finished with these settings, skipping its stage")
+    return True
+
+
+def record(run, stage, args):
+    """Mark run/stage finished, with the settings it was made with (rank 0 replaces stages.json)."""
+    if RANK == 0:
+        path = os.path.join(run, "stages.json")
+        made = json.load(open(path)) if os.path.isfile(path) else {}
+        with open(path + ".tmp", "w") as f:
+            json.dump(made | {stage: settings(stage, args)}, f, indent=1)
+        os.replace(path + ".tmp", path)
+
+
+def cached_rows(run, stage, build, args):
+    """Resume: the rows of run/stage if finished with these settings, else build()'s, saved
+    atomically."""
+    path = os.path.join(run, stage)
+    if finished(run, stage, args):
         return [json.loads(line) for line in open(path)]
-    torch.manual_seed(seed)  # each stage samples reproducibly, resumed or not
+    torch.manual_seed(args.seed)  # each stage samples reproducibly, resumed or not
     rows = build()
     if RANK == 0:
         with open(path + ".tmp", "w") as f:
             f.writelines(json.dumps(row) + "\n" for row in rows)
         os.replace(path + ".tmp", path)
+    record(run, stage, args)
     return rows
-
-
-def is_saved(path):
-    if os.path.isfile(os.path.join(path, "args.json")):  # common.save writes it last
-        print(f"resume: {path} is saved, skipping its stage")
-        return True
-    return False
 
 
 def supervised_stage(args, start, pairs, epochs, out_dir, logger):
@@ -449,13 +499,15 @@ def main(argv=None):
                                       extract=official_answer, same=same_answer)
                     accuracies[f"{split}_accuracy"] = result["accuracy"]
             return [accuracies]
-        logger.log(f"eval {name}", **cached_rows(os.path.join(run, f"eval-{name}.jsonl"), measure, args.seed)[0])
+        rows = cached_rows(run, f"eval-{name}.jsonl", measure, args)
+        logger.log(f"eval {name}", **rows[0])
 
     # 1. ALGO: SFT on the gold rationales (or --sft_model)
     sft_path = args.sft_model or os.path.join(run, "sft")
-    if not args.sft_model and not is_saved(sft_path):
+    if not args.sft_model and not finished(run, "sft", args):
         gold = [(prompt_of(ex.question), sft.target_for("self_explore", ex)) for ex in train_set]
         supervised_stage(args, args.model, gold, args.sft_epochs, sft_path, logger)
+        record(run, "sft", args)
     report("sft", sft_path)
 
     # 2. N samples per question from the SFT model (PLUMBING); the RFT set and D_pair (ALGO)
@@ -464,14 +516,14 @@ def main(argv=None):
         texts = sampler(sft_path, args, stop=["Problem:"])(prompts, n)
         return [dict(question=ex.question, answer=ex.answer, samples=[t.strip() for t in texts[i * n:(i + 1) * n]])
                 for i, ex in enumerate(train_set)]
-    samples = cached_rows(os.path.join(run, "samples.jsonl"), sample_stage, args.seed)
-    rft = cached_rows(os.path.join(run, "rft.jsonl"), lambda: [dict(
+    samples = cached_rows(run, "samples.jsonl", sample_stage, args)
+    rft = cached_rows(run, "rft.jsonl", lambda: [dict(
         question=row["question"], rationales=rft_rationales(row["samples"], row["answer"], args.max_rft_per_question))
-        for row in samples], args.seed)
-    d_pair = cached_rows(os.path.join(run, "pairs.jsonl"), lambda: [
+        for row in samples], args)
+    d_pair = cached_rows(run, "pairs.jsonl", lambda: [
         pair for row, kept in zip(samples, rft)
         for pair in outcome_pairs(prompt_of(row["question"]), kept["rationales"], row["samples"], row["answer"])],
-        args.seed)
+        args)
     correct = [is_correct(text, row["answer"]) for row in samples for text in row["samples"]]
     logger.log("data", samples=len(correct), sample_accuracy=sum(correct) / len(correct), d_pair=len(d_pair),
                rft_set=sum(len(row["rationales"]) for row in rft), rft_questions=sum(bool(r["rationales"]) for r in rft))
@@ -480,28 +532,29 @@ def main(argv=None):
 
     # 3. ALGO: RFT, the base model fine-tuned on the RFT set, explores, starts DPO and is its reference
     rft_path = os.path.join(run, "rft")
-    if not is_saved(rft_path):
+    if not finished(run, "rft", args):
         rft_pairs = [(prompt_of(row["question"]), text) for row in rft for text in row["rationales"]]
         supervised_stage(args, args.base_model or args.model, rft_pairs, args.rft_epochs, rft_path, logger)
+        record(run, "rft", args)
     report("rft", rft_path)
 
     # 4. explore: the first pit of each rejected rationale (ALGO in find_first_pits), then D_g-pair
     dpo_pairs = d_pair
     if args.pairs == "gpair":
-        explored = cached_rows(os.path.join(run, "explore.jsonl"), lambda: [
+        explored = cached_rows(run, "explore.jsonl", lambda: [
             dict(pit=pit, completions=completions) for pit, completions in zip(*find_first_pits(
                 [p["prompt"] for p in d_pair], [split_steps(p["rejected"]) for p in d_pair], [p["answer"] for p in d_pair],
-                sampler(rft_path, args), args.explore_k, max_steps=20))], args.seed)  # official code: <= 20
+                sampler(rft_path, args), args.explore_k, max_steps=20))], args)  # official: <= 20
         counts = Counter()  # ALGO: D_g-pair (the counts are logged when it is built)
-        dpo_pairs = cached_rows(os.path.join(run, "gpairs.jsonl"), lambda: step_pairs(
+        dpo_pairs = cached_rows(run, "gpairs.jsonl", lambda: step_pairs(
             d_pair, [row["pit"] for row in explored], [row["completions"] for row in explored],
-            args.drop_chosen_with_rejected_step, counts), args.seed)
+            args.drop_chosen_with_rejected_step, counts), args)
         pits = Counter(row["pit"] or "none" for row in explored)
         logger.log("explore", **{f"pit_{w}": pits[w] for w in sorted(pits, key=str)}, **counts, g_pair=len(dpo_pairs))
 
     # 5. ALGO: DPO from the RFT model on D_g-pair (or D_pair: --pairs outcome), after the quirks of 3.2
     dpo_path = os.path.join(run, f"dpo-{args.pairs}")
-    if not is_saved(dpo_path):
+    if not finished(run, f"dpo-{args.pairs}", args):
         cut = [dict(p, rejected=cut_answer_line(p["rejected"])) if args.cut_rejected_answer else p for p in dpo_pairs]
         kept = [pair for pair in cut if pair["rejected"]]
         logger.log(f"dpo-{args.pairs} data", pairs=len(kept), dropped_empty_rejected=len(cut) - len(kept))
@@ -510,6 +563,7 @@ def main(argv=None):
         model, tokenizer = load_model(rft_path, lora_rank=args.lora_rank, seed=args.seed)
         train_dpo(model, tokenizer, [tokenize_dpo_pair(tokenizer, pair, args) for pair in kept], args, logger)
         save(model, tokenizer, dpo_path, args)
+        record(run, f"dpo-{args.pairs}", args)
     # 6. PLUMBING: greedy evaluation (SFT and RFT above, DPO here)
     report(f"dpo-{args.pairs}", dpo_path)
 
