@@ -292,6 +292,24 @@ def all_reduce(tensor, mean=False):
         dist.all_reduce(tensor)
     return tensor / WORLD if mean else tensor
 
+def mean_over_ranks(stats, device):
+    """A dict of numbers averaged over ranks (the same dict on one process)."""
+    values = all_reduce(torch.tensor(list(stats.values()), device=device), mean=True)
+    return dict(zip(stats, values.tolist()))
+
+def linear_schedule(optimizer, warmup_steps, total_steps):
+    """The learning rate rises linearly over warmup_steps, then falls linearly to 0 at total_steps
+    (transformers' get_linear_schedule_with_warmup)."""
+    def factor(step):
+        if step < warmup_steps:
+            return step / warmup_steps
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+def positions_from_mask(attention_mask):
+    """Position ids that skip padding on either side: a prompt starts at 0 wherever it sits."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
 def wrap_model(model, fsdp=None):
     """The model to train: itself on one process; under torchrun DDP (LoRA, small models) or FSDP2 (past 1B params)."""
     if WORLD == 1 or isinstance(model, FSDPModule):
@@ -453,7 +471,8 @@ def _generate_batch(model, tokenizer, prompts, max_new_tokens, temperature, top_
     eos = model.generation_config.eos_token_id  # None, one id or a list of ids
     eos = {tokenizer.eos_token_id, *(eos if isinstance(eos, list) else [eos])}
     generated, done, stopped = [[] for _ in prompts], [False] * len(prompts), [False] * len(prompts)
-    cache, positions = DynamicCache(config=model.config), (mask.cumsum(-1) - 1).clamp(min=0)  # skip left padding
+    cache = DynamicCache(config=model.config)
+    positions = positions_from_mask(mask)
     limit = min(context, max_total_tokens or math.inf)  # prompt + response, the batch padded as one
     for _ in range(int(max(0, min(max_new_tokens, limit - mask.shape[1])))):
         with autocast(model):
@@ -510,7 +529,7 @@ def _chunk_logprobs(head, hidden, targets, temperature):  # div_ in place: one c
 def token_logprobs(model, input_ids, attention_mask, *, temperature=1.0, return_hidden=False, chunk_elements=2 ** 23):
     """log p(input_ids[:, t+1] | prefix) as [B, L-1], 0 at padding; return_hidden=True adds the last hidden state.
     The wrapper's (DDP, FSDP2) forward keeps one logit; the head runs in chunks, recomputed in backward: memory-lean."""
-    positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # left or right padding: as in generate
+    positions = positions_from_mask(attention_mask)  # the positions generate used
     with autocast(model):  # bf16 compute on CUDA (recomputed alike); the log-softmax is fp32
         hidden = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
                        use_cache=False, output_hidden_states=True,

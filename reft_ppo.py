@@ -52,7 +52,7 @@ from tqdm.auto import tqdm
 import sft
 from common import (RANK, Logger, adapters_disabled, all_reduce, autocast, batch_sequences,
                     check_args, check_context, check_trained, fail, gather, generate,
-                    gradient_checkpointing, load_model, load_state, load_task, parse_args,
+                    gradient_checkpointing, load_model, load_state, load_task, mean_over_ranks, parse_args,
                     run_sandboxed, save, save_state, shard, start_run, token_logprobs, wrap_model)
 
 
@@ -523,7 +523,7 @@ def main(argv=None):
                                             shard(order[start:start + args.rollout_batch_size]), args)  # rank's share
             # 9. the clipped PPO update
             stats |= ppo_update(policy, value_head, optimizer, batch, args)
-            stats = dict(zip(stats, all_reduce(torch.tensor(list(stats.values()), device=model.device), True).tolist()))
+            stats = mean_over_ranks(stats, model.device)
             step += 1
             logger.log(f"rollout {step}", epoch=epoch, **stats)
             logger.samples([dict(step=step, **s) for s in samples[:2]])

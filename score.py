@@ -38,11 +38,11 @@ from dataclasses import dataclass
 import torch
 
 import sft
-from common import (RANK, Logger, adapters_disabled, all_reduce, batch_sequences, check_args,
-                    check_context, check_trained, extract_answer, fail, gather, generate,
-                    gradient_checkpointing, hub_rows, is_equiv, load_model, load_state, load_task,
-                    not_a_test_set, parse_args, read_records, run_sandboxed, save, save_state, shard,
-                    start_run, token_logprobs, wrap_model)
+from common import (RANK, Logger, adapters_disabled, batch_sequences, check_args, check_context,
+                    check_trained, extract_answer, fail, gather, generate, gradient_checkpointing,
+                    hub_rows, is_equiv, load_model, load_state, load_task, mean_over_ranks,
+                    not_a_test_set, parse_args, read_records, run_sandboxed, save, save_state,
+                    shard, start_run, token_logprobs, wrap_model)
 
 MATH_PROMPT = ("You are a math expert. When you respond, respond only with the Solution of the final Problem, thinking "
                "step by step. At the end of the Solution, when you give your final answer, write it in the form "
@@ -427,7 +427,7 @@ def train_stage(model, policy, reference, tokenizer, problems, stage, steps, arg
             stats |= {"i2c": ((r1 == 0) & (r2 == 1)).float().mean().item(), "c2i": ((r1 == 1) & (r2 == 0)).float().mean().item()}
         # 3. rewards with KL, baseline, REINFORCE loss (score_loss), one optimiser step
         stats |= update(policy, reference, optimizer, roll, stage, args)
-        stats = dict(zip(stats, all_reduce(torch.tensor(list(stats.values()), device=model.device), True).tolist()))
+        stats = mean_over_ranks(stats, model.device)
         logger.log(f"{name} {step}", **stats, seconds=time.time() - start)
         logger.samples([dict(step=f"{name} {step}", **row) for row in roll["samples"]])
         if args.save_every and step % args.save_every == 0:  # PLUMBING: a state to resume from

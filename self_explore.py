@@ -49,7 +49,7 @@ from tqdm.auto import tqdm
 
 from common import (RANK, Logger, all_reduce, batch_sequences, check_args, check_context,
                     check_trained, evaluate, fail, gather, generate, gradient_checkpointing,
-                    load_model, load_task, parse_args, save, shard, token_logprobs, wrap_model)
+                    linear_schedule, load_model, load_task, parse_args, save, shard, token_logprobs, wrap_model)
 
 
 @dataclass
@@ -338,8 +338,7 @@ def train_dpo(model, tokenizer, data, args, logger):
     optimizer = torch.optim.RMSprop([p for p in policy.parameters() if p.requires_grad], lr=args.dpo_lr)
     total = math.ceil(len(data) / args.dpo_batch_size) * args.dpo_epochs
     warmup = math.ceil(0.1 * total)  # paper: warm-up ratio 0.1, rounded up as the Trainer does
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: step / warmup if step < warmup
-                                                 else max(0.0, (total - step) / max(1, total - warmup)))
+    schedule = linear_schedule(optimizer, warmup, total)
     rng = random.Random(args.seed)
     for epoch in range(1, args.dpo_epochs + 1):
         order, sums = rng.sample(range(len(data)), len(data)), torch.zeros(4, device=model.device)
@@ -357,7 +356,8 @@ def train_dpo(model, tokenizer, data, args, logger):
             optimizer.step()
             schedule.step()
             optimizer.zero_grad(set_to_none=True)
-        means = dict(zip("loss chosen_reward rejected_reward accuracy".split(), all_reduce(sums / len(data)).tolist()))
+        names = ["loss", "chosen_reward", "rejected_reward", "accuracy"]
+        means = dict(zip(names, all_reduce(sums / len(data)).tolist()))
         logger.log(f"dpo {epoch}", **means, margin=means["chosen_reward"] - means["rejected_reward"], lr=schedule.get_last_lr()[0])
 
 

@@ -33,7 +33,7 @@ import torch
 from tqdm.auto import tqdm
 
 from common import (WORLD, Logger, all_reduce, batch_sequences, check_args, check_context, evaluate,
-                    fail, gradient_checkpointing, load_model, load_task, parse_args, save, shard,
+                    fail, gradient_checkpointing, linear_schedule, load_model, load_task, parse_args, save, shard,
                     token_logprobs, wrap_model)
 
 TEMPLATES = {  # PAPERS 1.2: (prompt, target); the target gets EOS appended at tokenisation
@@ -157,8 +157,7 @@ def train(model, tokenizer, pairs, args, eval_fn=None, logger=None):
     wrapped = wrap_model(model)  # DDP or FSDP2 under torchrun, else the model
     optimizer = torch.optim.AdamW([p for p in wrapped.parameters() if p.requires_grad], lr=args.lr,
                                   eps=args.adam_eps, weight_decay=args.weight_decay)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: step / warmup_steps if step < warmup_steps
-                                                 else max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps)))
+    schedule = linear_schedule(optimizer, warmup_steps, total_steps)
     gradient_checkpointing(model, args.gradient_checkpointing and model.device.type == "cuda")
     rng, history = random.Random(args.seed), []
     for epoch in range(1, args.epochs + 1):
