@@ -61,7 +61,7 @@ class Args:
     out_dir: str = "runs/self-explore"
     """run folder: every stage's JSONL and checkpoint; a rerun resumes from it"""
     sft_model: str = ""
-    """an already fine-tuned model: skip stage 1 and sample from it"""
+    """an already fine-tuned model: skip step 1 (SFT) and sample from it"""
     base_model: str = ""  # official code: RFT from the base model
     """model that RFT starts from ('' = --model)"""
     pairs: str = "gpair"
@@ -109,7 +109,7 @@ class Args:
     dpo_batch_size: int = 32  # paper: 8 x 4 GPUs
     """DPO pairs per optimiser step"""
     micro_batch_size: int = 8  # paper: DPO 8 per GPU
-    """SFT/RFT sequences or DPO pairs per forward/backward (memory only: the step is the same)"""
+    """SFT/RFT sequences or DPO pairs per forward/backward (gradients add up per optimiser step)"""
     max_length: int = 384  # paper: GSM8K
     """DPO prompt + response tokens"""
     max_prompt_length: int = 128  # paper: GSM8K
@@ -363,7 +363,7 @@ def train_dpo(model, tokenizer, data, args, logger):
     pad_id = tokenizer.pad_token_id
     micro = args.micro_batch_size
     mine = shard(data)  # each rank scores its share of the reference log-probs
-    # ALGO 9. the reference: the starting (RFT) model, scored once before any update
+    # ALGO 9. the reference log-probs: the starting (RFT) model's, scored once before any update
     with torch.no_grad():
         chunks = [pair_logprobs(model, mine[i:i + micro], pad_id)
                   for i in range(0, len(mine), micro)]
