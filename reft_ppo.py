@@ -350,16 +350,14 @@ def rollout(model, value_head, reference_logprobs, tokenizer, questions, args):
     log_ratio = (ref_logprobs - old_logprobs) * mask
     k3 = ((log_ratio.exp() - 1 - log_ratio) * mask).sum().item()
     n_tokens = mask.sum()
-    stats = dict(
-        reward=scores.mean().item(),
-        accuracy=(scores >= 1).float().mean().item(),
-        kl_k1=(kl.sum() / n_tokens).item(),
-        kl_k3=k3 / n_tokens.item(),
-        entropy=(-(old_logprobs * mask).sum() / n_tokens).item(),
-        response_length=n_tokens.item() / len(prompts),
-        eos_rate=sum(c.finished for c in completions) / len(prompts),
-        tokens_per_s=n_tokens.item() / seconds,
-    )
+    stats = dict(reward=scores.mean().item(),
+                 accuracy=(scores >= 1).float().mean().item(),
+                 kl_k1=(kl.sum() / n_tokens).item(),
+                 kl_k3=k3 / n_tokens.item(),
+                 entropy=(-(old_logprobs * mask).sum() / n_tokens).item(),
+                 response_length=n_tokens.item() / len(prompts),
+                 eos_rate=sum(c.finished for c in completions) / len(prompts),
+                 tokens_per_s=n_tokens.item() / seconds)
     samples = [dict(question=ex.question, gold=ex.answer, completion=c.text, pred=pred, reward=s)
                for ex, c, pred, s in zip(questions, completions, preds, scores.tolist())]
     return batch, stats, samples
@@ -539,8 +537,7 @@ def load_reference(model, args):
                                       temperature=args.temperature)
         return reference_logprobs
     warm_start = f"{args.out_dir}/warmup" if args.warmup_epochs > 0 else args.model
-    reference = load_model(warm_start, seed=args.seed, frozen=True)[0]
-    reference = reference.eval().requires_grad_(False)
+    reference = load_model(warm_start, seed=args.seed, frozen=True)[0].eval().requires_grad_(False)
 
     def reference_logprobs(input_ids, attention_mask):
         return token_logprobs(reference, input_ids, attention_mask, temperature=args.temperature)
@@ -565,8 +562,7 @@ def main(argv=None):
     def prompt_length(example):
         return len(tokenizer(make_prompt(args, example.question))["input_ids"])
     kept = [ex for ex in train_set if prompt_length(ex) <= args.max_prompt_tokens]
-    dropped = len(train_set) - len(kept)
-    print(f"{len(kept)} training questions ({dropped} dropped: prompt over "
+    print(f"{len(kept)} training questions ({len(train_set) - len(kept)} dropped: prompt over "
           f"{args.max_prompt_tokens} tokens), {len(test_set)} test questions")
     logger = Logger(args.out_dir)
     if args.mode == "vote":
@@ -579,7 +575,8 @@ def main(argv=None):
         logger.log("rerank", classifier_examples=n_data, **{f"rerank@{args.vote_k}": reranked})
         return
 
-    resume_from = start_run(args)  # PLUMBING one run per folder; --resume continues from its state
+    # PLUMBING one run per folder; --resume continues from its state
+    resume_from = start_run(args)
     # ALGO 1. warm-up SFT from the base model (a resumed run has it in out_dir/warmup already)
     if args.warmup_epochs > 0 and not resume_from:
         template = "reft_program" if args.cot == "program" else args.template
@@ -610,7 +607,8 @@ def main(argv=None):
     parameters = [p for p in policy.parameters() if p.requires_grad]  # the value head's too
     optimizer = torch.optim.AdamW(parameters, lr=args.lr, eps=1e-8, weight_decay=0.0)  # constant
 
-    def log_test_accuracy(step):  # ALGO 10. greedy test accuracy
+    # ALGO 10. greedy test accuracy, before PPO and after every epoch
+    def log_test_accuracy(step):
         _, completions, preds = sample_answers(model, tokenizer, test_set, args)
         shown = list(zip(test_set, completions, preds))[:10]
         logger.samples([dict(step=step, question=ex.question, gold=ex.answer, completion=c.text,
@@ -637,7 +635,8 @@ def main(argv=None):
             logger.log(f"rollout {step}", epoch=epoch, **stats)
             logger.samples([dict(step=step, **s) for s in samples[:2]])
         log_test_accuracy(f"ppo {epoch}")
-        if args.save_every and epoch % args.save_every == 0:  # PLUMBING resumable state
+        # PLUMBING a resumable state every save_every epochs
+        if args.save_every and epoch % args.save_every == 0:
             state = os.path.join(args.out_dir, "state.pt")
             save_state(state, policy, optimizer, epoch=epoch, step=step)
     del model.value_head  # not part of the saved policy
