@@ -1,4 +1,4 @@
-"""reft_ppo.py: rewards, KL placement, GAE, whitening, clipped losses, the sandbox, and a smoke run."""
+"""reft_ppo.py: rewards, KL placement, GAE, whitening, clipped losses, the sandbox, a smoke run."""
 import copy
 import json
 import math
@@ -14,7 +14,8 @@ from common import batch_sequences, load_model, load_task, run_sandboxed, save, 
 
 def test_gae_matches_a_hand_computed_example():
     rewards = torch.tensor([[0.0, 0.0, -0.1, 1.0, 0.0]])
-    values = torch.tensor([[5.0, 0.2, 0.4, 0.6, 100.0]])  # position 4 is padding: V = 0 after the last action
+    # position 4 is padding: V = 0 after the last action
+    values = torch.tensor([[5.0, 0.2, 0.4, 0.6, 100.0]])
     mask = torch.tensor([[0.0, 1.0, 1.0, 1.0, 0.0]])
     advantages, returns = reft_ppo.gae(rewards, values, mask, gamma=1.0, lam=0.5)
     # A3 = 1 - 0.6; A2 = (-0.1 + 0.6 - 0.4) + 0.5 A3; A1 = (0 + 0.4 - 0.2) + 0.5 A2
@@ -23,8 +24,11 @@ def test_gae_matches_a_hand_computed_example():
 
 
 def test_gamma_discounts_the_next_value():
-    advantages, _ = reft_ppo.gae(torch.tensor([[0.0, 1.0]]), torch.tensor([[0.5, 0.25]]), torch.ones(1, 2), gamma=0.5, lam=1.0)
-    torch.testing.assert_close(advantages, torch.tensor([[0.0 + 0.5 * 0.25 - 0.5 + 0.5 * 0.75, 0.75]]))
+    rewards = torch.tensor([[0.0, 1.0]])
+    values = torch.tensor([[0.5, 0.25]])
+    advantages, _ = reft_ppo.gae(rewards, values, torch.ones(1, 2), gamma=0.5, lam=1.0)
+    expected = torch.tensor([[0.0 + 0.5 * 0.25 - 0.5 + 0.5 * 0.75, 0.75]])
+    torch.testing.assert_close(advantages, expected)
 
 
 def test_terminal_reward_sits_on_the_eos_token_even_when_pad_is_eos(tokenizer):
@@ -33,8 +37,10 @@ def test_terminal_reward_sits_on_the_eos_token_even_when_pad_is_eos(tokenizer):
     responses = [[49, 50, eos], [53, eos]]
     _, _, mask = batch_sequences(prompts, responses, pad_id=eos, device="cpu")
     zeros = torch.zeros_like(mask)
-    rewards, kl = reft_ppo.kl_shaped_rewards(torch.tensor([1.0, 0.1]), zeros, zeros, mask, kl_coef=0.05)
-    # row 0: response targets are input positions 3, 4, 5, i.e. log-prob indices 2, 3, 4; EOS is index 4
+    scores = torch.tensor([1.0, 0.1])
+    rewards, kl = reft_ppo.kl_shaped_rewards(scores, zeros, zeros, mask, kl_coef=0.05)
+    # row 0: response targets are input positions 3, 4, 5, i.e. log-prob indices 2, 3, 4;
+    # EOS is index 4
     assert rewards[0].tolist() == [0, 0, 0, 0, 1.0, 0]
     assert rewards[1].tolist() == pytest.approx([0, 0, 0, 0, 0, 0.1])  # EOS is the last input token
     assert mask.sum(1).tolist() == [3, 2]
@@ -46,7 +52,8 @@ def test_kl_penalty_sign_and_placement():
     ref = torch.tensor([[-9.0, -2.0, -0.5]])  # the prompt position must not be penalised
     rewards, kl = reft_ppo.kl_shaped_rewards(torch.tensor([0.0]), old, ref, mask, kl_coef=0.1)
     torch.testing.assert_close(kl, torch.tensor([[0.0, 1.0, -0.5]]))
-    torch.testing.assert_close(rewards, torch.tensor([[0.0, -0.1, 0.05]]))  # more likely than the reference: penalised
+    # more likely than the reference: penalised
+    torch.testing.assert_close(rewards, torch.tensor([[0.0, -0.1, 0.05]]))
 
 
 REFT_GRADER = [  # (template, completion, gold, reward by the official train_rl_reft.py)
@@ -94,8 +101,9 @@ def test_whitening_over_response_tokens_only():
 
 
 def test_clipped_losses_match_hand_computed_values():
-    batch = dict(mask=torch.ones(1, 2), advantages=torch.tensor([[1.0, -1.0]]), returns=torch.tensor([[1.0, 0.0]]),
-                 old_logprobs=torch.zeros(1, 2), old_values=torch.zeros(1, 2))
+    batch = dict(mask=torch.ones(1, 2), advantages=torch.tensor([[1.0, -1.0]]),
+                 returns=torch.tensor([[1.0, 0.0]]), old_logprobs=torch.zeros(1, 2),
+                 old_values=torch.zeros(1, 2))
     logprobs = torch.log(torch.tensor([[1.5, 0.5]]))  # ratios 1.5 and 0.5
     values = torch.tensor([[0.5, -0.1]])
     policy_loss, value_loss, clip_fraction = reft_ppo.ppo_losses(logprobs, values, batch, 0.2, 0.2)
@@ -107,34 +115,49 @@ def test_clipped_losses_match_hand_computed_values():
 
 def test_policy_gradient_raises_the_probability_of_positive_advantage_tokens():
     logprobs = torch.tensor([[-1.0, -1.0]], requires_grad=True)
-    batch = dict(mask=torch.ones(1, 2), advantages=torch.tensor([[1.0, -1.0]]), returns=torch.zeros(1, 2),
-                 old_logprobs=torch.tensor([[-1.0, -1.0]]), old_values=torch.zeros(1, 2))
+    batch = dict(mask=torch.ones(1, 2), advantages=torch.tensor([[1.0, -1.0]]),
+                 returns=torch.zeros(1, 2), old_logprobs=torch.tensor([[-1.0, -1.0]]),
+                 old_values=torch.zeros(1, 2))
     policy_loss, _, _ = reft_ppo.ppo_losses(logprobs, torch.zeros(1, 2), batch, 0.2, 0.2)
     policy_loss.sum().backward()
     assert logprobs.grad[0, 0] < 0 < logprobs.grad[0, 1]  # descent raises token 0, lowers token 1
 
 
 def test_ppo_update_makes_rewarded_responses_more_likely(monkeypatch):
-    """End to end through rollout, rewards, GAE, whitening, the losses and the optimiser: a sign error
-    anywhere makes the rewarded responses less likely."""
+    """End to end through rollout, rewards, GAE, whitening, the losses and the optimiser: a sign
+    error anywhere makes the rewarded responses less likely."""
     model, tokenizer = load_model("tiny", seed=0)
     args = reft_ppo.Args(**(reft_ppo.TOY | dict(lr=1e-3, max_total_tokens=16)))
-    monkeypatch.setattr(reft_ppo, "answer_of", lambda args, prompt, text: float(len(text) % 2))  # an arbitrary split
-    monkeypatch.setattr(reft_ppo, "terminal_reward", lambda pred, gold, partial: pred)
-    frozen = copy.deepcopy(model)
+
+    def parity_answer(args, prompt, text):  # an arbitrary split
+        return float(len(text) % 2)
+
+    def answer_is_reward(pred, gold, partial):
+        return pred
+
+    monkeypatch.setattr(reft_ppo, "answer_of", parity_answer)
+    monkeypatch.setattr(reft_ppo, "terminal_reward", answer_is_reward)
+    reference = copy.deepcopy(model)
     value_head = torch.nn.Linear(model.config.hidden_size, 1)
     torch.nn.init.zeros_(value_head.weight)
     torch.nn.init.zeros_(value_head.bias)
-    optimizer = torch.optim.AdamW(list(model.parameters()) + list(value_head.parameters()), lr=args.lr)
+    parameters = list(model.parameters()) + list(value_head.parameters())
+    optimizer = torch.optim.AdamW(parameters, lr=args.lr)
+
+    def reference_logprobs(ids, mask):
+        return token_logprobs(reference, ids, mask)
+
+    questions = load_task("arith", "train")[:32]
     torch.manual_seed(0)
-    batch, _, samples = reft_ppo.rollout(model, value_head, lambda ids, mask: token_logprobs(frozen, ids, mask),
-                                         tokenizer, load_task("arith", "train")[:32], args)
+    batch, _, samples = reft_ppo.rollout(model, value_head, reference_logprobs, tokenizer,
+                                         questions, args)
     rewarded = torch.tensor([s["reward"] == 1.0 for s in samples])
     assert 0 < rewarded.sum() < len(samples)
 
     def sequence_logprobs():
         with torch.no_grad():
-            return (token_logprobs(model, batch["input_ids"], batch["attention_mask"]) * batch["mask"]).sum(1)
+            logprobs = token_logprobs(model, batch["input_ids"], batch["attention_mask"])
+            return (logprobs * batch["mask"]).sum(1)
 
     before = sequence_logprobs()
     for _ in range(3):
@@ -147,33 +170,39 @@ def test_sandbox_stops_infinite_loops_memory_bombs_and_crashes():
     start = time.time()
     assert run_sandboxed("while True:\n    pass", timeout=1.0) == (False, "")
     assert time.time() - start < 5
-    assert run_sandboxed("blocks = []\nwhile True:\n    blocks.append(bytearray(10 ** 8))", timeout=10.0, memory_mb=512)[0] is False
-    assert run_sandboxed("import os\nprint(os.environ.get('HOME'))")[1].strip() == "None"  # no environment
+    memory_bomb = "blocks = []\nwhile True:\n    blocks.append(bytearray(10 ** 8))"
+    assert run_sandboxed(memory_bomb, timeout=10.0, memory_mb=512)[0] is False
+    no_environment = run_sandboxed("import os\nprint(os.environ.get('HOME'))")[1]
+    assert no_environment.strip() == "None"
     prompt = reft_ppo.make_prompt(reft_ppo.Args(cot="program"), "What is 6 times 7?")
-    assert reft_ppo.program_answer(prompt, "    a = 6\n    b = 7\n    return a * b\n\nprint('ignored')", 10.0) == 42.0
+    body = "    a = 6\n    b = 7\n    return a * b\n\nprint('ignored')"
+    assert reft_ppo.program_answer(prompt, body, 10.0) == 42.0
     assert reft_ppo.program_answer(prompt, "    return 1 / 0\n", 10.0) is None
     assert reft_ppo.program_answer(prompt, "    while True:\n        pass\n", 1.0) is None
-    assert reft_ppo.terminal_reward(reft_ppo.program_answer(prompt, "    raise ValueError\n", 10.0), "42", 0.1) == 0.0
+    raised = reft_ppo.program_answer(prompt, "    raise ValueError\n", 10.0)
+    assert reft_ppo.terminal_reward(raised, "42", 0.1) == 0.0
 
 
 def test_toy_smoke_run(tmp_path):
     model, tokenizer = load_model("tiny", seed=0)
     save(model, tokenizer, str(tmp_path / "start"))
     out_dir = str(tmp_path / "reft")
-    common = ["--preset", "toy", "--model", str(tmp_path / "start"), "--task", "arith:n_train=16,n_test=4", "--out_dir", out_dir,
-              "--max_total_tokens", "48", "--eval_max_total_tokens", "48"]
-    reft_ppo.main(common + ["--epochs", "1", "--rollout_batch_size", "8", "--micro_batch_size", "4"])
+    flags = ["--preset", "toy", "--model", str(tmp_path / "start"), "--out_dir", out_dir,
+             "--task", "arith:n_train=16,n_test=4", "--max_total_tokens", "48",
+             "--eval_max_total_tokens", "48"]
+    reft_ppo.main(flags + ["--epochs", "1", "--rollout_batch_size", "8", "--micro_batch_size", "4"])
     metrics = [json.loads(line) for line in open(os.path.join(out_dir, "metrics.jsonl"))]
     rollouts = [m for m in metrics if m["step"].startswith("rollout")]
     assert len(rollouts) == 2
-    for key in ("reward", "accuracy", "kl_k1", "kl_k3", "clip_fraction", "value_loss", "entropy", "response_length",
-                "eos_rate", "tokens_per_s"):
+    for key in ("reward", "accuracy", "kl_k1", "kl_k3", "clip_fraction", "value_loss", "entropy",
+                "response_length", "eos_rate", "tokens_per_s"):
         assert math.isfinite(rollouts[0][key])
     assert rollouts[0]["kl_k1"] == 0.0  # the first rollout samples from the reference itself
     assert [m["step"] for m in metrics if "test_accuracy" in m] == ["ppo 0", "ppo 1"]
     assert load_model(out_dir)[0].config.model_type == "llama"
-    reft_ppo.main(common + ["--mode", "vote", "--vote_k", "3"])
-    reft_ppo.main(common + ["--mode", "rerank", "--vote_k", "3", "--rerank_samples", "2", "--rerank_epochs", "1"])
+    reft_ppo.main(flags + ["--mode", "vote", "--vote_k", "3"])
+    reft_ppo.main(flags + ["--mode", "rerank", "--vote_k", "3", "--rerank_samples", "2",
+                           "--rerank_epochs", "1"])
     steps = [json.loads(line)["step"] for line in open(os.path.join(out_dir, "metrics.jsonl"))]
     assert steps[-2:] == ["vote", "rerank"]
 
@@ -198,9 +227,11 @@ def test_under_lora_the_reference_is_the_warm_up_model(tmp_path):
 def test_greedy_evaluation_and_samples_keep_the_official_total_length_limits(llama):
     model, tokenizer = llama  # random: it rarely emits EOS, so completions run to the limit
     examples = load_task("arith:n_train=4,n_test=4", "test")
-    args = reft_ppo.Args(template="self_explore", eval_max_total_tokens=20, vote_max_total_tokens=26)
+    args = reft_ppo.Args(template="self_explore", eval_max_total_tokens=20,
+                         vote_max_total_tokens=26)
     for n, temperature, total in ((1, 0.0, 20), (2, 1.0, 26)):  # official: 700 greedy, 1024 sampled
-        prompts, completions, _ = reft_ppo.sample_answers(model, tokenizer, examples, args, n, temperature)
+        prompts, completions, _ = reft_ppo.sample_answers(model, tokenizer, examples, args, n,
+                                                          temperature)
         longest = max(len(tokenizer(p)["input_ids"]) for p in prompts)
         assert max(len(c.token_ids) for c in completions) == total - longest
 
@@ -220,11 +251,15 @@ def test_rerank_classifier_trains_with_dropout_on_clipped_and_on_cut_inputs(llam
 
     monkeypatch.setattr(reft_ppo, "last_token_hidden", recorded)
     monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clip)
-    train, test = load_task("arith:n_train=4,n_test=2", "train"), load_task("arith:n_train=4,n_test=2", "test")
-    args = reft_ppo.Args(template="self_explore", rerank_samples=2, vote_k=2, rerank_epochs=1, rerank_batch_size=4,
-                         rerank_max_tokens=12, vote_max_total_tokens=40, rerank_lr=1e-4)
+    train = load_task("arith:n_train=4,n_test=2", "train")
+    test = load_task("arith:n_train=4,n_test=2", "test")
+    args = reft_ppo.Args(template="self_explore", rerank_samples=2, vote_k=2, rerank_epochs=1,
+                         rerank_batch_size=4, rerank_max_tokens=12, vote_max_total_tokens=40,
+                         rerank_lr=1e-4)
     reft_ppo.rerank_accuracy(model, tokenizer, train, test, args)
     training = [length for mode, length in calls if mode]
-    assert training and len(clips) == len(training) and set(clips) == {1.0}  # official: clip 1, model.train()
-    assert [mode for mode, _ in calls] == [True] * len(training) + [False] * (len(calls) - len(training))
+    # official: clip 1, model.train()
+    assert training and len(clips) == len(training) and set(clips) == {1.0}
+    modes = [True] * len(training) + [False] * (len(calls) - len(training))
+    assert [mode for mode, _ in calls] == modes
     assert max(length for _, length in calls) == 12  # official: max_input_length 700
