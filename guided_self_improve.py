@@ -42,8 +42,8 @@ import torch
 from tqdm.auto import tqdm
 
 import sft
-from common import (RANK, WORLD, Logger, check_context, check_trained, evaluate, extract_answer,
-                    fail, generate, is_equiv, load_model, load_state, load_task, parse_args, save,
+from common import (RANK, WORLD, Logger, check_context, check_trained, evaluate, fail, generate,
+                    load_model, load_state, load_task, parse_args, save,
                     save_state, start_run)
 from common import check_args as check_common
 
@@ -203,9 +203,139 @@ def interactive_prompts(examples, references, wrongs, teacher_fn, stats):
     return [STUDENT.format(question=e.question, wrong=w, correction=c.text) for e, w, c in zip(examples, wrongs, critiques)]
 
 
+# ---------------------------------------------------------------- ALGO 6. correct = the official grader
+# official: Yiwen-Ding/Guided-Self-Improvement, src/eval_utils.py (get_answer, answer_clean,
+# compare_answer_with_groundtruth; MAmmoTH's cleaner), the same for sampling and evaluation.
+TRIGGERS = ("The answer is:", "The answer is", "the answer is")
+CHOICE_SETS = ("aqua", "mathqa")
+
+
+def answer_kind(task):
+    """The official dataset name's cleaner: choice (AQuA, MathQA), math (MATH) or number (GSM8K,
+    SVAMP; also arith and any other file). TheoremQA's cleaner (latex2sympy) is not implemented."""
+    name = os.path.basename(task.rstrip("/")).lower()
+    if any(choice in name for choice in CHOICE_SETS):
+        return "choice"
+    return "math" if name.startswith("math") else "number"
+
+
+def python_number(text):
+    """A number literal as Python's eval reads it (07 is a syntax error, 07.5 is not)."""
+    if "." in text:
+        return float(text)
+    if re.fullmatch(r"-?0+[1-9]\d*", text):
+        raise ValueError(f"{text} is no Python literal")
+    return int(text)
+
+
+def official_number(text):
+    """delete_extra_zero: a number in its shortest float form (18.0 -> 18, 1/2 -> 0.5, and as
+    officially 1e+20 -> 100.0); text that is no number (07/2, 5/0) is kept."""
+    numerator, slash, denominator = text.partition("/")
+    try:
+        value = python_number(numerator) / python_number(denominator) if slash else float(text)
+    except (ValueError, ZeroDivisionError, OverflowError):
+        return text
+    short = str(value).rstrip("0")
+    return str(int(short[:-1])) if short.endswith(".") else str(float(short))
+
+
+def boxed(text):
+    """find_box: what follows the last `boxed`, to its closing brace, or up to a `$`."""
+    rest = text.split("boxed")[-1]
+    if not rest.startswith("{"):
+        return rest.split("$")[0].strip()
+    depth = 1
+    for end, char in enumerate(rest[1:], 1):
+        depth += {"{": 1, "}": -1}.get(char, 0)
+        if depth == 0:
+            return rest[1:end]
+    return rest[1:]
+
+
+def official_latex(text):
+    """_strip_string (the Hendrycks MATH normaliser) with its _fix_sqrt, _fix_fracs, _fix_a_slash_b."""
+    for old, new in (("\n", ""), ("\\!", ""), ("\\\\", "\\"), ("tfrac", "frac"), ("dfrac", "frac"),
+                     ("\\left", ""), ("\\right", ""), ("^{\\circ}", ""), ("^\\circ", "")):
+        text = text.replace(old, new)
+    text = text.strip("$").replace("\\$", "").split("\\text{ ")[0].replace("\\%", "")
+    text = text.replace(" .", " 0.").replace("{.", "{0.")
+    if text.startswith("."):
+        text = "0" + text
+    sides = text.split("=")
+    if len(sides) == 2 and len(sides[0]) <= 2:  # "k = 5" -> "5"
+        text = sides[1]
+    first, *rest = text.split("\\sqrt")
+    text = first + "".join("\\sqrt" + (p if p[:1] in ("", "{") else f"{{{p[0]}}}{p[1:]}") for p in rest)
+    first, *rest = text.replace(" ", "").split("\\frac")
+    fixed = first
+    for piece in rest:  # \frac12 -> \frac{1}{2}, \frac1{2} -> \frac{1}{2}
+        if piece[:1] in ("", "{"):
+            fixed += "\\frac" + piece
+        elif len(piece) < 2:
+            return text.replace(" ", "")  # officially: the string before the \frac fixes
+        elif piece[1] == "{":
+            fixed += f"\\frac{{{piece[0]}}}{piece[1:]}"
+        else:
+            fixed += f"\\frac{{{piece[0]}}}{{{piece[1]}}}{piece[2:]}"
+    match = re.fullmatch(r"(-?\d+)/(-?\d+)", fixed)
+    if match and fixed == f"{int(match[1])}/{int(match[2])}":  # 3/4 -> \frac{3}{4}, not 03/4
+        return f"\\frac{{{int(match[1])}}}{{{int(match[2])}}}"
+    return fixed
+
+
+def math_answer(text, after_trigger):
+    """extract_math_answer: a boxed answer; after a trigger, the right of the last `=` (a number and
+    a unit word: the number); else the last number."""
+    if "boxed" in text:
+        return official_latex(boxed(text))
+    if after_trigger:
+        text = text.split("=")[-1].strip()
+        return official_latex(text.split(" ")[0] if re.match(r"[\d.]+\s\D+$", text) else text)
+    numbers = re.findall(r"-?\d*\.?\d+", text)
+    return official_latex(numbers[-1] if numbers else "")
+
+
+def official_answer(text, kind="number"):
+    """answer_clean: the text after the last trigger (a text that repeats a trigger is cut at its
+    first blank line), cleaned for `kind`; the first candidate after a trigger, else the last of the
+    whole text; "" when none. `The answer is 18 dollars.` -> 18, `$1,000` -> 1000, `18.0` -> 18."""
+    text = (text or "").strip("\n")
+    if any(text.count(trigger) > 1 for trigger in TRIGGERS):  # officially: few-shot output
+        text = text.split("\n\n")[0]
+    pieces = re.split("|".join(TRIGGERS), text)
+    after_trigger = len(pieces) > 1
+    tail = pieces[-1].strip("\n").rstrip(".").rstrip("/").strip(" ")
+    if kind == "choice":
+        candidates = re.findall(r"\b([A-J])\b", tail.upper()) or [tail.strip().strip(".")]
+    elif kind == "math":
+        candidates = [math_answer(tail, after_trigger)]
+    else:
+        candidates = [official_number(n) for n in re.findall(r"-?\d+/?\.?\d*", tail.replace(",", ""))]
+    if not candidates:
+        return ""
+    return (candidates[0] if after_trigger else candidates[-1]).rstrip(".").rstrip("/")
+
+
+def official_same(answer, gold):
+    """compare_answer_with_groundtruth without a numeric gold (as every official call): equal
+    lower-cased strings after dropping `\\text{` (a choice gold such as `(b)` is looked up in the
+    answer). The gold answer_value is not cleaned: a gold `18.0` matches no answer."""
+    answer, gold = answer or "", gold or ""
+    if "\\text{" in answer:
+        answer = answer.replace("\\text{", "").rstrip("}")
+    if "\\text{" in gold:
+        gold = gold.replace("\\text{", "").rstrip("}")
+    if gold.lower() in ("(a)", "(b)", "(c)", "(d)", "(e)", "(f)"):
+        return gold.lower() in answer.lower()
+    return answer.lower() == gold.lower()
+
+
+def is_correct(text, answer, kind="number"):
+    return official_same(official_answer(text, kind), answer)
+
+
 # ---------------------------------------------------------------- ALGO: sampling, tail questions, re-sampling (4.1)
-def is_correct(text, answer):
-    return is_equiv(extract_answer(text), answer)
 
 
 def n_correct(pool):
@@ -248,11 +378,13 @@ def collect_samples(examples, args, sample_fn, plain, reference, teacher_fn=None
     of {prompt, text, correct, resampled} and the costs: samples and generated tokens (a state-reset prefix is not
     generated, so not counted), the teacher's separately."""
     pools, stats = [[] for _ in examples], Counter()
+    kind = answer_kind(args.task)
 
     def add(indices, prompts, completions, prefixes, resampled):
         for i, prompt, completion, prefix in zip(indices, prompts, completions, prefixes):
             text, answer = prefix + completion.text, examples[i].answer
-            pools[i].append(dict(prompt=prompt, text=text, correct=is_correct(text, answer), resampled=resampled))
+            correct = is_correct(text, answer, kind)
+            pools[i].append(dict(prompt=prompt, text=text, correct=correct, resampled=resampled))
             # 4.4: how often a correct state-reset sample had the answer in its gold prefix already
             stats["reset_copied"] += bool(prefix) and pools[i][-1]["correct"] and answer_in(prefix, answer)
         stats.update(samples=len(completions), tokens=sum(len(c.token_ids) for c in completions))
@@ -366,6 +498,9 @@ def main(argv=None):
     state = start_run(args)  # PLUMBING: one run per folder; --resume continues it
     logger = Logger(args.out_dir)
 
+    def extract_test(text):
+        return official_answer(text, answer_kind(args.test_task or args.task))
+
     def reference(example):  # the gold rationale, ending in "The answer is x"
         return gold_solution(args.template, example)
 
@@ -390,7 +525,8 @@ def main(argv=None):
             save(model, tokenizer, os.path.join(args.out_dir, f"iter-{t}"), args)
         # 2. PLUMBING: greedy test accuracy with the plain prompt
         accuracy = evaluate(model, tokenizer, test_set, plain, max_new_tokens=args.max_new_tokens,
-                            batch_size=args.sample_batch_size)["accuracy"]
+                            batch_size=args.sample_batch_size, extract=extract_test,
+                            same=official_same)["accuracy"]
 
         # 3-5. ALGO: sample, find the tail questions, re-sample them with the strategy (collect_samples)
         def sample_fn(prompts, n):  # each rank samples its share; every rank gets all the samples, so decides alike

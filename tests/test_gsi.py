@@ -243,3 +243,51 @@ def test_state_reset_cuts_gsm8k_by_lines_and_other_sets_by_token_share_as_the_of
                        ("data/inference/cot/aqua_rat.json", "tokens")]:
         assert gsi.reset_unit(gsi.Args(task=task)) == unit
     assert gsi.reset_unit(gsi.Args(task="math", reset_by="lines")) == "lines"  # the flag wins
+
+
+# The official verdicts (checked against src/eval_utils.py of Yiwen-Ding/Guided-Self-Improvement);
+# "differs" marks the cases that common.extract_answer + common.is_equiv grades the other way.
+OFFICIAL_VERDICTS = [
+    ("The answer is 18 dollars.", "number", "18", True),  # differs: a unit word
+    ("Therefore, the answer is 18.", "number", "18", True),
+    ("The answer is $18", "number", "18", True),
+    ("The answer is 1,000.", "number", "1000", True),
+    ("The answer is 18.0", "number", "18", True),
+    ("The answer is 18", "number", "18.0", False),  # differs: the gold is not cleaned
+    ("The answer is 18\n\nThe answer is 20", "number", "20", False),  # differs: first block
+    ("The answer is 18\nThe answer is 20", "number", "20", True),
+    ("2+3=5\n5*4=20", "number", "20", True),  # differs: no trigger, the last number
+    ("The answer is 1/2", "number", "0.5", True),
+    ("The answer is 1/2", "number", "1/2", False),  # differs: 1/2 is cleaned to 0.5
+    ("The answer is 12, not 7", "number", "12", True),  # differs: the first number
+    ("THE ANSWER IS 7", "number", "7", True),
+    ("The answer is: -3.", "number", "-3", True),
+    ("The answer is 5 cm", "math", "5", True),  # differs: a unit word
+    ("so \\boxed{\\frac12}.", "math", "\\frac{1}{2}", True),
+    ("The answer is \\boxed{3/4}", "math", "0.75", False),  # differs: strings, not values
+    ("The answer is 50\\%", "math", "50", True),
+    ("The answer is (B).", "choice", "B", True),  # differs: the letter is picked out
+]
+
+
+@pytest.mark.parametrize("text, kind, gold, verdict", OFFICIAL_VERDICTS)
+def test_samples_are_graded_by_the_official_rule(text, kind, gold, verdict):
+    assert gsi.is_correct(text, gold, kind) is verdict
+
+
+def test_the_official_cleaner_is_chosen_by_the_dataset_name():
+    for task, kind in [("gsm8k", "number"), ("arith:n_train=4", "number"), ("math", "math"),
+                       ("data/test/svamp.json", "number"), ("data/test/math.json", "math"),
+                       ("data/test/aqua_rat.json", "choice"), ("data/test/mathqa.json", "choice")]:
+        assert gsi.answer_kind(task) == kind
+    assert gsi.official_answer("The answer is 2.50 and 3", "number") == "2.5"
+    assert gsi.official_answer("no number here", "number") == ""
+    assert gsi.official_number("07/2") == "07/2" and gsi.official_number("1e20") == "100.0"
+
+
+def test_sampling_keeps_what_the_official_grader_accepts():
+    def sample_fn(prompts, n):  # a unit word after the answer: officially correct
+        return [completion(f"The answer is {answer_of(p)} dollars.") for p in prompts for _ in range(n)]
+    args = args_for("none", n_samples=2, min_correct=1)
+    pools, _ = gsi.collect_samples(EXAMPLES, args, sample_fn, plain, reference)
+    assert [gsi.n_correct(p) for p in pools] == [2, 2, 2]
