@@ -26,7 +26,6 @@ Implements, per iteration t (official: inference*.py, src/utils.py, scripts/llam
 4. A question is hard while fewer than 4 of its samples are correct.
 5. Up to 8 rounds: one hinted sample per still-hard question; stop when none is left.
 6. D_{t+1} = every correct sample, with the plain prompt (correct: official src/eval_utils.py).
-Logged: test accuracy, samples and tokens spent, coverage, the correct-count histogram (the tail).
 
 Deviations (README, Deviations from the papers):
 - the official state-reset script never runs (a wrong keyword); here it does, with token prefixes
@@ -197,8 +196,8 @@ def state_reset_prefix(gold_rationale, round_index, reset_by, tokenizer=None):
         k = min(round_index % len(lines) + 1, len(lines) - 1)
         return "\n".join(lines[:k]) + "\n"
     ids = tokenizer(gold_rationale, add_special_tokens=False)["input_ids"]
-    share = (0.2, 0.4, 0.6, 0.8, 0.8)[round_index % 5]
-    return tokenizer.decode(ids[:int(share * len(ids))])
+    proportion = (0.2, 0.4, 0.6, 0.8, 0.8)[round_index % 5]
+    return tokenizer.decode(ids[:int(proportion * len(ids))])
 
 
 def chat_prompt(tokenizer, system, user):
@@ -437,8 +436,8 @@ def collect_samples(examples, args, sample_fn, plain, gold_rationale, teacher_fn
     add(repeat(range(len(examples)), n), repeat(prompts, n), sample_fn(prompts, n), no_prefix,
         False)
     # ALGO 4-5. one sample per hard question per round; the hard set is recomputed every round
-    rounds = {"none": 0, "brute_force": args.brute_force_rounds}.get(args.strategy,
-                                                                      args.guided_rounds)
+    unguided_rounds = {"none": 0, "brute_force": args.brute_force_rounds}
+    rounds = unguided_rounds.get(args.strategy, args.guided_rounds)
     for round_index in tqdm(range(rounds), desc="re-sample hard questions", leave=False):
         hard = hard_questions(pools, args.min_correct)
         if not hard:
@@ -563,7 +562,8 @@ def main(argv=None):
                "training question": [plain(e) for e in questions]}
     check_context(first, tokenizer, prompts, max_length=args.max_length)
     del first
-    state = start_run(args)  # PLUMBING one run per folder; --resume continues it
+    # PLUMBING one run per folder; --resume continues it
+    state = start_run(args)
     logger = Logger(args.out_dir)
     extract_test = partial(official_answer, kind=answer_kind(args.test_task or args.task))
 
