@@ -1,29 +1,38 @@
 """SFT baseline: supervised fine-tuning on gold rationales.
 
-Not a paper of its own: it is the supervised stage that three of the papers build on and compare
-against (PAPERS.md section 1): ReFT's warm-up and SFT baseline (Luong et al., 2024, arXiv
-2401.08967), Self-Explore's SFT and RFT stages (Hwang et al., 2024, arXiv 2404.10346) and GSI's
-per-iteration fine-tuning (Ding et al., 2024, arXiv 2411.00750). Each paper's recipe (template,
-loss mask, schedule, batch) is a preset; the defaults are ReFT's SFT baseline. Other methods import
-`train` for their supervised stages, `TEMPLATES`/`prompt_for`/`target_for` for their prompts and
-`encode_pair` (prompt | target + EOS tokenisation) for DPO pairs.
+Not a paper of its own: the supervised stage that three of the papers build on and compare
+against. Each paper's recipe (template, loss mask, schedule, batch) is a preset:
+- ReFT's warm-up and SFT baseline (Luong et al., 2024, arXiv 2401.08967; official:
+  lqtrung1998/mwp_ReFT, train_sft_model.py): the defaults;
+- Self-Explore's SFT and RFT stages (Hwang et al., 2024, arXiv 2404.10346; official:
+  hbin0701/Self-Explore, sft/train_generator.py): `--preset self_explore`;
+- GSI's per-iteration fine-tuning (Ding et al., 2024, arXiv 2411.00750; official:
+  Yiwen-Ding/Guided-Self-Improvement, train.py): `--preset gsi`.
+Other methods import `train` for their supervised stages, `TEMPLATES`/`prompt_for`/`target_for`
+for their prompts and `encode_pair` (prompt | target + EOS tokenisation) for DPO pairs.
 
     python sft.py --model codellama-7b --task gsm8k            # ReFT's SFT baseline (the defaults)
     python sft.py --preset self_explore --model deepseek-math-7b
     python sft.py --preset gsi --model llama3-8b
-    python sft.py --preset toy                                  # tiny on arith, CPU, minutes -> runs/toy-sft
-    torchrun --nproc_per_node 8 sft.py --model codellama-7b     # the same on 8 GPUs (any script, see README)
+    python sft.py --preset toy                       # tiny on arith, CPU, minutes -> runs/toy-sft
+    torchrun --nproc_per_node 8 sft.py --model codellama-7b    # 8 GPUs (README, One GPU, many GPUs)
 
-Implements section 1.1: tokenise prompt + target + EOS; labels on the target and EOS (on the
-prompt too with --loss_on_prompt, as Self-Explore's code does); L = -(1/N) sum_t log p(y_t | y_<t)
-over the N labelled tokens of an optimiser step (1.5: the normalisation under gradient
-accumulation is our choice); AdamW, linear warm-up then linear decay, gradient clipping.
+Implements the three papers' SFT, as these steps (the ALGO tags below cite them):
+1. render prompt and target with the paper's template;
+2. tokenise prompt + target + EOS; labels on the target and EOS (on the prompt too with
+   --loss_on_prompt, as Self-Explore's sft/train_generator.py does);
+3. L = -(1/N) sum_t log p(y_t | y_<t) over the N labelled tokens of an optimiser step (no paper
+   states the normalisation under gradient accumulation: ours);
+4. AdamW, linear warm-up then linear decay to 0, gradient clipping;
+5. greedy test accuracy after each epoch, with the same template.
 
-Deviations (PAPERS 1.4): prompts are tokenised with the tokenizer's default BOS for every template
-(ReFT's code adds none), so that training and generate() see the same prompt tokens; the last epoch
-is the result (ReFT picks the best epoch on the test set); fp32 master weights, never pure bf16.
-Accuracy is graded by common.extract_answer/is_equiv for every preset (reft_ppo.py and
-self_explore.py grade by their papers' official rules, which can differ on the same outputs).
+Deviations (README, Deviations from the papers):
+- every template's prompt gets the tokenizer's default BOS (ReFT's code adds none), so that
+  training and generate() see the same prompt tokens;
+- the last epoch is the result (ReFT picks the best epoch on the test set);
+- fp32 master weights, never pure bf16 (Self-Explore casts the model to bf16);
+- common.extract_answer/is_equiv grade every preset (reft_ppo.py and self_explore.py grade by
+  their papers' official rules, which can differ on the same outputs).
 """
 import math
 import random
@@ -32,16 +41,21 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from common import (WORLD, Logger, all_reduce, batch_sequences, check_args, check_context, evaluate,
-                    fail, gradient_checkpointing, linear_schedule, load_model, load_task, parse_args, save, shard,
-                    token_logprobs, wrap_model)
+from common import (WORLD, Logger, all_reduce, batch_sequences, check_args, check_context,
+                    evaluate, fail, gradient_checkpointing, linear_schedule, load_model, load_task,
+                    parse_args, save, shard, token_logprobs, wrap_model)
 
-TEMPLATES = {  # PAPERS 1.2: (prompt, target); the target gets EOS appended at tokenisation
-    "reft": ("Question:\n{question}\nAnswer reasoning:\n", "{rationale}\nTherefore, the answer is: {answer}"),
-    "reft_program": ("Question:\n{question}\nAnswer reasoning:\n", "{rationale}"),  # the rationale is the program
+# ALGO 1. (prompt, target) as each paper's official SFT code writes them; the target gets EOS
+# appended at tokenisation
+TEMPLATES = {
+    "reft": ("Question:\n{question}\nAnswer reasoning:\n",
+             "{rationale}\nTherefore, the answer is: {answer}"),
+    # program-of-thought: the rationale is the program
+    "reft_program": ("Question:\n{question}\nAnswer reasoning:\n", "{rationale}"),
     "self_explore": ("{question}\n", "{rationale}\nThe answer is {answer}"),
-    "gsi": ("Below is a math problem, please give a step-by-step answer.\n\n### Question:\n{question}\n\n"
-            "### Your step-by-step answer:\n", "{rationale}\nThe answer is {answer}"),
+    "gsi": ("Below is a math problem, please give a step-by-step answer.\n\n"
+            "### Question:\n{question}\n\n### Your step-by-step answer:\n",
+            "{rationale}\nThe answer is {answer}"),
 }
 
 
@@ -72,7 +86,8 @@ class Args:
     epochs: int = 40  # paper: ReFT SFT baseline, 40 epochs
     """epochs to run"""
     schedule_epochs: int = 0
-    """epochs the LR schedule is computed for (0: --epochs); ReFT's warm-up stops at epoch 2 of 40"""
+    """epochs the LR schedule is computed for (0: --epochs); ReFT's warm-up stops at epoch 2
+    of 40"""
     lr: float = 1e-5  # paper: all three recipes
     """peak learning rate"""
     warmup_ratio: float = 0.1  # paper: ReFT, GSI
@@ -80,7 +95,8 @@ class Args:
     batch_size: int = 48  # paper: ReFT 3/GPU x 8 GPUs x accumulation 2
     """sequences per optimiser step"""
     micro_batch_size: int = 4
-    """sequences per forward/backward; batch_size / micro_batch_size steps of gradient accumulation"""
+    """sequences per forward/backward; batch_size / micro_batch_size steps of gradient
+    accumulation"""
     max_length: int = 1024  # paper: ReFT, GSI
     """longer prompt+target sequences are cut to this many tokens"""
     weight_decay: float = 0.0
@@ -112,33 +128,39 @@ PRESETS = {
                          batch_size=64, epochs=2, schedule_epochs=5),
     # GSI, one iteration: batch 64, 1 epoch.
     "gsi": dict(template="gsi", batch_size=64, epochs=1),
-    # The toy world: tiny trained from scratch on arith on a CPU. Every toy preset of the other methods
-    # starts from runs/toy-sft and shares its template (the shortest of the three).
-    "toy": dict(model="tiny", task="arith", template="self_explore", out_dir="runs/toy-sft", epochs=6, lr=3e-3,
-                batch_size=32, micro_batch_size=32, max_length=256, eval_max_new_tokens=96, eval_batch_size=200,
-                seed=0),
+    # The toy world: tiny trained from scratch on arith on a CPU. Every toy preset of the other
+    # methods starts from runs/toy-sft and shares its template (the shortest of the three).
+    "toy": dict(model="tiny", task="arith", template="self_explore", out_dir="runs/toy-sft",
+                epochs=6, lr=3e-3, batch_size=32, micro_batch_size=32, max_length=256,
+                eval_max_new_tokens=96, eval_batch_size=200, seed=0),
 }
 TOY = PRESETS["toy"]
 
 
 def encode_pair(tokenizer, prompt, target):
-    """(prompt_ids, target_ids + [EOS]), the prompt with the tokenizer's defaults (its BOS). The target is cut from the
-    joint tokenisation: its first token is the one the model sees after the prompt (not a word-start variant)."""
-    prompt_ids, joint = tokenizer(prompt)["input_ids"], tokenizer(prompt + target)["input_ids"]
-    same_prefix = joint[:len(prompt_ids)] == prompt_ids
-    target_ids = joint[len(prompt_ids):] if same_prefix else tokenizer(target, add_special_tokens=False)["input_ids"]
+    """ALGO 2. (prompt_ids, target_ids + [EOS]), the prompt with the tokenizer's defaults (its
+    BOS). The target is cut from the joint tokenisation: its first token is the one the model sees
+    after the prompt (not a word-start variant)."""
+    prompt_ids = tokenizer(prompt)["input_ids"]
+    joint = tokenizer(prompt + target)["input_ids"]
+    if joint[:len(prompt_ids)] == prompt_ids:
+        target_ids = joint[len(prompt_ids):]
+    else:
+        target_ids = tokenizer(target, add_special_tokens=False)["input_ids"]
     return prompt_ids, target_ids + [tokenizer.eos_token_id]
 
 
 def tokenize_pairs(tokenizer, pairs, loss_on_prompt, max_length):
-    """(unlabelled ids, labelled ids) per pair: prompt | target + EOS, or nothing | everything with
-    loss_on_prompt; cut to max_length tokens in all."""
+    """ALGO 2. (unlabelled ids, labelled ids) per pair: prompt | target + EOS, or nothing |
+    everything with loss_on_prompt; cut to max_length tokens in all."""
     data = []
     for prompt, target in pairs:
         prompt_ids, target_ids = encode_pair(tokenizer, prompt, target)
         if loss_on_prompt:
-            prompt_ids, target_ids = [], prompt_ids + target_ids
-        data.append((prompt_ids[:max_length], target_ids[:max(0, max_length - len(prompt_ids))]))
+            target_ids = prompt_ids + target_ids
+            prompt_ids = []
+        room = max(0, max_length - len(prompt_ids))  # what the prompt leaves of max_length
+        data.append((prompt_ids[:max_length], target_ids[:room]))
     return data
 
 
@@ -155,28 +177,38 @@ def train(model, tokenizer, pairs, args, eval_fn=None, logger=None):
     total_steps = steps_per_epoch * (args.schedule_epochs or args.epochs)
     warmup_steps = int(args.warmup_ratio * total_steps)
     wrapped = wrap_model(model)  # DDP or FSDP2 under torchrun, else the model
-    optimizer = torch.optim.AdamW([p for p in wrapped.parameters() if p.requires_grad], lr=args.lr,
-                                  eps=args.adam_eps, weight_decay=args.weight_decay)
+    # ALGO 4. AdamW, linear warm-up then linear decay to 0
+    trainable = [p for p in wrapped.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=args.lr, eps=args.adam_eps,
+                                  weight_decay=args.weight_decay)
     schedule = linear_schedule(optimizer, warmup_steps, total_steps)
     gradient_checkpointing(model, args.gradient_checkpointing and model.device.type == "cuda")
-    rng, history = random.Random(args.seed), []
+    rng = random.Random(args.seed)
+    history = []
     for epoch in range(1, args.epochs + 1):
         model.train()
         order = rng.sample(range(len(data)), len(data))
         losses = []
         for step in tqdm(range(steps_per_epoch), desc=f"sft epoch {epoch}", leave=False):
-            batch = shard([data[i] for i in order[step * args.batch_size:(step + 1) * args.batch_size]])  # rank's share
-            micro_batches = [batch_sequences([p for p, _ in batch[i:i + args.micro_batch_size]],
-                                             [t for _, t in batch[i:i + args.micro_batch_size]],
-                                             tokenizer.pad_token_id, model.device)
-                             for i in range(0, len(batch), args.micro_batch_size)]
-            n_tokens = all_reduce(sum(target_mask.sum() for *_, target_mask in micro_batches))  # 1.5: the whole step
+            indices = order[step * args.batch_size:(step + 1) * args.batch_size]
+            batch = shard([data[i] for i in indices])  # this rank's share
+            micro_batches = []
+            for i in range(0, len(batch), args.micro_batch_size):
+                micro = batch[i:i + args.micro_batch_size]
+                prompts = [p for p, _ in micro]
+                targets = [t for _, t in micro]
+                sequences = batch_sequences(prompts, targets, tokenizer.pad_token_id, model.device)
+                micro_batches.append(sequences)
+            # ALGO 3. N counts the labelled tokens of the whole step, over every rank
+            n_tokens = all_reduce(sum(target_mask.sum() for *_, target_mask in micro_batches))
             step_loss = 0.0
             for input_ids, attention_mask, target_mask in micro_batches:
                 logprobs = token_logprobs(wrapped, input_ids, attention_mask)
-                loss = -(logprobs * target_mask).sum() / n_tokens * WORLD  # Sec. 1.1, step 5; ranks average gradients
+                # ALGO 3. L = -(1/N) sum_t log p(y_t | y_<t); times WORLD as ranks average gradients
+                loss = -(logprobs * target_mask).sum() / n_tokens * WORLD
                 if not torch.isfinite(loss):
-                    fail(f"non-finite loss at epoch {epoch} step {step}: lower --lr (the last saved checkpoint is kept)")
+                    fail(f"non-finite loss at epoch {epoch} step {step}: lower --lr "
+                         f"(the last saved checkpoint is kept)")
                 loss.backward()
                 step_loss += loss.item()
             torch.nn.utils.clip_grad_norm_(wrapped.parameters(), args.grad_clip)
@@ -184,7 +216,8 @@ def train(model, tokenizer, pairs, args, eval_fn=None, logger=None):
             schedule.step()
             optimizer.zero_grad(set_to_none=True)
             losses.append(step_loss)
-        loss = all_reduce(torch.tensor(sum(losses) / len(losses), device=model.device), mean=True).item()
+        epoch_loss = torch.tensor(sum(losses) / len(losses), device=model.device)
+        loss = all_reduce(epoch_loss, mean=True).item()
         metrics = {"epoch": epoch, "loss": loss, "lr": schedule.get_last_lr()[0]}
         if eval_fn is not None:
             metrics |= eval_fn(model)
@@ -205,7 +238,7 @@ def main(argv=None):
                                "eval_max_new_tokens", "eval_batch_size"],
                at_least_zero=["schedule_epochs", "n_eval", "lora_rank"])
     random.seed(args.seed)
-    # PLUMBING: data and model first, so a bad name stops before any work
+    # PLUMBING data and model first, so a bad name stops before any work
     train_set = load_task(args.task, "train")
     test_set = load_task(args.task, "test", args.test_task)
     test_set = test_set[:args.n_eval] if args.n_eval else test_set
@@ -213,17 +246,23 @@ def main(argv=None):
     test_prompts = [prompt_for(args.template, ex.question) for ex in test_set]
     check_context(model, tokenizer, {"test question": test_prompts}, max_length=args.max_length)
     logger = Logger(args.out_dir)
-    print(f"{args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters; "
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"{args.model}: {n_params / 1e6:.2f}M parameters; "
           f"{len(train_set)} train / {len(test_set)} test examples of {args.task}")
 
+    def question_prompt(example):
+        return prompt_for(args.template, example.question)
+
     def eval_fn(model):
-        result = evaluate(model, tokenizer, test_set, lambda ex: prompt_for(args.template, ex.question),
+        # ALGO 5. greedy test accuracy, the training template
+        result = evaluate(model, tokenizer, test_set, question_prompt,
                           max_new_tokens=args.eval_max_new_tokens, batch_size=args.eval_batch_size)
         logger.samples(result.pop("records")[:20])
         return {"test_accuracy": result["accuracy"]}
 
-    # ALGO: SFT on the gold rationales rendered with the paper's template
-    pairs = [(prompt_for(args.template, ex.question), target_for(args.template, ex)) for ex in train_set]
+    # ALGO 1. the gold rationales rendered with the paper's template, then SFT
+    pairs = [(prompt_for(args.template, ex.question), target_for(args.template, ex))
+             for ex in train_set]
     train(model, tokenizer, pairs, args, eval_fn, logger)
     save(model, tokenizer, args.out_dir, args)
     print(f"saved {args.out_dir}")

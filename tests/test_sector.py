@@ -19,7 +19,11 @@ def parse(prompt):
 def oracle():
     """A perfect solver built from the ground-truth targets (tests only)."""
     def solve(prompts):
-        return [(sector.fast_target if p.endswith(sector.FAST) else sector.slow_target)(*parse(p)) for p in prompts]
+        answers = []
+        for p in prompts:
+            target = sector.fast_target if p.endswith(sector.FAST) else sector.slow_target
+            answers.append(target(*parse(p)))
+        return answers
     return solve
 
 
@@ -41,10 +45,14 @@ def test_numbers_are_written_last_digit_first_and_the_carry_in_always():
 
 
 def test_supervised_prompts_zero_pad_both_operands_and_the_fast_answer():
-    assert sector.supervised_pairs((57, 68, 1), width=4) == [("7500+8600+1=", "6210"), ("7500+8600+1>", "1;6")]
-    assert sector.supervised_pairs((57, 68, 0), width=1) == [("75+86+0=", "521"), ("75+86+0>", "1;5")]  # cuts no digit
-    assert sector.supervised_pairs((99, 99, 1), width=3)[0] == ("990+990+1=", "991")  # 199: no digit beyond the width
-    assert sector.supervised_pairs((99, 99, 1), width=2)[0] == ("99+99+1=", "991")  # the carry-out past the width stays
+    padded = [("7500+8600+1=", "6210"), ("7500+8600+1>", "1;6")]
+    assert sector.supervised_pairs((57, 68, 1), width=4) == padded
+    unpadded = [("75+86+0=", "521"), ("75+86+0>", "1;5")]
+    assert sector.supervised_pairs((57, 68, 0), width=1) == unpadded  # width 1 cuts no digit
+    # 199: no digit beyond the width
+    assert sector.supervised_pairs((99, 99, 1), width=3)[0] == ("990+990+1=", "991")
+    # the carry-out past the width stays
+    assert sector.supervised_pairs((99, 99, 1), width=2)[0] == ("99+99+1=", "991")
 
 
 def test_slow_form_emits_the_carry_and_the_last_digit():
@@ -78,7 +86,8 @@ def test_every_candidate_of_a_perfect_solver_is_the_sum():
 def test_candidate_k_takes_k_slow_steps_then_guesses():
     solve = scripted({"21+93+0=": "99", "21+93+0>": "1;1", "1+3+1=": "5", "1+3+1>": "0;6"})  # 12+39
     (candidates,), (first,) = sector.simplify_then_guess(solve, ["21+93+0"], 5)
-    assert candidates == ["99", "15", "16"]  # k=0 fast, k=1 slow+guess (51), k=2 the complete slow chain (61)
+    # k=0 fast, k=1 slow+guess (51), k=2 the complete slow chain (61)
+    assert candidates == ["99", "15", "16"]
     assert first == "1;1"
     assert solve.asked == ["21+93+0=", "21+93+0>", "1+3+1=", "1+3+1>"]
 
@@ -109,24 +118,29 @@ def chain_answers(text, fast, slow, guess):
     """Scripted outputs of a 2-digit problem: the fast answer, the first slow step, the guess of the
     1-digit rest, and the rest's slow step (which agrees with the guess)."""
     rest = sector.shorten(text, slow.split(";")[0])
-    return {f"{text}=": fast, f"{text}>": slow, f"{rest}=": guess, f"{rest}>": f"{len(guess) - 1};{guess[0]}"}
+    rest_slow = f"{len(guess) - 1};{guess[0]}"
+    return {f"{text}=": fast, f"{text}>": slow, f"{rest}=": guess, f"{rest}>": rest_slow}
 
 
 def test_commutativity_filter_drops_disagreeing_orders():
-    answers = chain_answers("21+93+0", "15", "1;1", "5") | chain_answers("93+21+0", "16", "1;1", "6")
+    forward = chain_answers("21+93+0", "15", "1;1", "5")
+    answers = forward | chain_answers("93+21+0", "16", "1;1", "6")
     pairs, labels, _ = sector.label_problems(scripted(answers), [(12, 39, 0)], 3)
     assert labels == [None] and pairs == []  # 51 one way, 61 the other
 
 
 def test_agreeing_orders_give_fast_pairs_in_both_orders_and_their_slow_steps():
-    answers = chain_answers("21+93+0", "15", "1;1", "5") | chain_answers("93+21+0", "15", "1;1", "5")
+    forward = chain_answers("21+93+0", "15", "1;1", "5")
+    answers = forward | chain_answers("93+21+0", "15", "1;1", "5")
     pairs, labels, _ = sector.label_problems(scripted(answers), [(12, 39, 0)], 3)
     assert labels == ["15"]
-    assert pairs == [("21+93+0=", "15"), ("93+21+0=", "15"), ("21+93+0>", "1;1"), ("93+21+0>", "1;1")]
+    fast_pairs = [("21+93+0=", "15"), ("93+21+0=", "15")]
+    assert pairs == fast_pairs + [("21+93+0>", "1;1"), ("93+21+0>", "1;1")]
 
 
 def test_slow_pairs_need_the_answer_after_the_first_step_to_match_in_both_orders():
-    # b+a votes 51 (fast, and the full slow chain) but its k=1 candidate says 41: its first step is suspect
+    # b+a votes 51 (fast, and the full slow chain) but its k=1 candidate says 41: its first step
+    # is suspect
     answers = chain_answers("21+93+0", "15", "1;1", "5") | {
         "93+21+0=": "15", "93+21+0>": "1;1", "3+1+1=": "4", "3+1+1>": "0;5"}
     pairs, labels, _ = sector.label_problems(scripted(answers), [(12, 39, 0)], 3)
@@ -137,7 +151,8 @@ class Untouchable(int):
     """An operand that may be written out but never used in arithmetic."""
     def _refuse(self, *_):
         raise AssertionError("the labelling path did arithmetic on an operand")
-    __add__ = __radd__ = __sub__ = __rsub__ = __mod__ = __floordiv__ = __mul__ = __divmod__ = _refuse
+    __add__ = __radd__ = __sub__ = __rsub__ = _refuse
+    __mod__ = __floordiv__ = __mul__ = __divmod__ = _refuse
 
 
 def test_firewall_labels_come_from_the_solver_never_the_sum(monkeypatch):
@@ -146,8 +161,10 @@ def test_firewall_labels_come_from_the_solver_never_the_sum(monkeypatch):
     for name in ("true_sum", "fast_target", "slow_target", "supervised_pairs"):
         monkeypatch.setattr(sector, name, forbidden)
     # A consistent but wrong solver: 12+39 is 51, but the labels must say what the solver says.
-    answers = chain_answers("21+93+0", "25", "1;2", "5") | chain_answers("93+21+0", "25", "1;2", "5")
-    pairs, labels, _ = sector.label_problems(scripted(answers), [(Untouchable(12), Untouchable(39), 0)], 3)
+    forward = chain_answers("21+93+0", "25", "1;2", "5")
+    answers = forward | chain_answers("93+21+0", "25", "1;2", "5")
+    untouchable = [(Untouchable(12), Untouchable(39), 0)]
+    pairs, labels, _ = sector.label_problems(scripted(answers), untouchable, 3)
     assert labels == ["25"] and ("21+93+0=", "25") in pairs
     # The same path with a real (untrained) model as the solver also never reaches the sum.
     model, tokenizer = load_model("tiny", seed=0)
@@ -157,13 +174,15 @@ def test_firewall_labels_come_from_the_solver_never_the_sum(monkeypatch):
 
 def test_toy_run_supervised_phase_and_one_self_training_step(tmp_path):
     out_dir = str(tmp_path / "run")
-    argv = ["--preset", "toy", "--n0", "1", "--max_digits", "2", "--max_rounds", "2", "--sup_problems", "64",
-            "--n_problems", "32", "--replay", "32", "--n_eval", "16", "--out_dir", out_dir]
+    argv = ["--preset", "toy", "--n0", "1", "--max_digits", "2", "--max_rounds", "2",
+            "--sup_problems", "64", "--n_problems", "32", "--replay", "32", "--n_eval", "16",
+            "--out_dir", out_dir]
     sector.main(argv)
     rows = [json.loads(line) for line in open(os.path.join(out_dir, "metrics.jsonl"))]
     assert rows[0]["step"] == "supervised 1.1" and {"fast_acc", "slow_acc", "loss"} <= set(rows[0])
     steps = [row["step"] for row in rows]
-    assert "supervised" in steps and "slow_acc_next" in rows[steps.index("supervised")]  # the precondition
+    # the precondition, logged
+    assert "supervised" in steps and "slow_acc_next" in rows[steps.index("supervised")]
     assert {"kept", "label_error", "fast_agreement"} <= set(rows[steps.index("self-train 2.1")])
     last = rows[-1]
     assert last["step"] == "self-train 2" and steps.count("self-train 2") == 1
@@ -171,8 +190,11 @@ def test_toy_run_supervised_phase_and_one_self_training_step(tmp_path):
     assert load_model(out_dir)[0].config.model_type == "llama"
     again = str(tmp_path / "again")
     sector.main(argv[:-1] + [again])  # same seed on CPU, same numbers
-    timeless = lambda rows: [{k: v for k, v in row.items() if k != "seconds"} for row in rows]
-    assert timeless(json.loads(line) for line in open(os.path.join(again, "metrics.jsonl"))) == timeless(rows)
+
+    def timeless(rows):
+        return [{k: v for k, v in row.items() if k != "seconds"} for row in rows]
+    rerun = [json.loads(line) for line in open(os.path.join(again, "metrics.jsonl"))]
+    assert timeless(rerun) == timeless(rows)
 
 
 def test_bad_lengths_stop_with_one_sentence(tmp_path):

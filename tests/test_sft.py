@@ -1,4 +1,5 @@
-"""sft.py: label masks, the schedule, and the toy preset end to end (loss falls, checkpoint reloads)."""
+"""sft.py: label masks, the schedule, and the toy preset end to end (loss falls, checkpoint
+reloads)."""
 import dataclasses
 import json
 import os
@@ -10,18 +11,23 @@ from common import load_model, load_task
 
 
 def test_prompt_is_unlabelled_and_eos_is_a_target(tokenizer):
-    (prompt_ids, target_ids), = sft.tokenize_pairs(tokenizer, [("12+3\n", "12+3=15")], loss_on_prompt=False, max_length=64)
+    pairs = [("12+3\n", "12+3=15")]
+    (prompt_ids, target_ids), = sft.tokenize_pairs(tokenizer, pairs, loss_on_prompt=False,
+                                                   max_length=64)
     assert tokenizer.decode(prompt_ids) == "<s>12+3\n"
     assert tokenizer.decode(target_ids) == "12+3=15</s>"
 
 
 def test_loss_on_prompt_labels_the_question_too(tokenizer):
-    (prompt_ids, target_ids), = sft.tokenize_pairs(tokenizer, [("12+3\n", "12+3=15")], loss_on_prompt=True, max_length=64)
+    pairs = [("12+3\n", "12+3=15")]
+    (prompt_ids, target_ids), = sft.tokenize_pairs(tokenizer, pairs, loss_on_prompt=True,
+                                                   max_length=64)
     assert prompt_ids == [] and tokenizer.decode(target_ids) == "<s>12+3\n12+3=15</s>"
 
 
 def test_max_length_cuts_the_whole_sequence(tokenizer):
-    (prompt_ids, target_ids), = sft.tokenize_pairs(tokenizer, [("abcd", "efghij")], loss_on_prompt=False, max_length=7)
+    (prompt_ids, target_ids), = sft.tokenize_pairs(tokenizer, [("abcd", "efghij")],
+                                                   loss_on_prompt=False, max_length=7)
     assert len(prompt_ids) + len(target_ids) == 7 and tokenizer.decode(target_ids) == "ef"
 
 
@@ -30,18 +36,21 @@ def test_templates_render_the_papers_strings():
     assert sft.prompt_for("reft", "2+2") == "Question:\n2+2\nAnswer reasoning:\n"
     assert sft.target_for("reft", example).endswith(f"\nTherefore, the answer is: {example.answer}")
     assert sft.prompt_for("self_explore", " 2+2 ") == "2+2\n"
-    assert sft.prompt_for("gsi", "2+2").endswith("### Question:\n2+2\n\n### Your step-by-step answer:\n")
+    gsi_end = "### Question:\n2+2\n\n### Your step-by-step answer:\n"
+    assert sft.prompt_for("gsi", "2+2").endswith(gsi_end)
 
 
 def small_args(tmp_path, **overrides):
-    settings = dict(out_dir=str(tmp_path / "run"), epochs=3, batch_size=16, micro_batch_size=8) | overrides
+    settings = dict(out_dir=str(tmp_path / "run"), epochs=3, batch_size=16, micro_batch_size=8)
+    settings |= overrides
     return dataclasses.replace(sft.Args(**sft.TOY), **settings)
 
 
 def test_train_lowers_the_loss_and_the_checkpoint_reloads(tmp_path):
     model, tokenizer = load_model("tiny", seed=0)
     examples = load_task("arith:n_train=64,n_test=4", "train")
-    pairs = [(sft.prompt_for("self_explore", e.question), sft.target_for("self_explore", e)) for e in examples]
+    pairs = [(sft.prompt_for("self_explore", e.question), sft.target_for("self_explore", e))
+             for e in examples]
     args = small_args(tmp_path)
     history = sft.train(model, tokenizer, pairs, args)
     assert history[-1]["loss"] < 0.8 * history[0]["loss"]
@@ -56,19 +65,22 @@ def test_train_lowers_the_loss_and_the_checkpoint_reloads(tmp_path):
 
 
 def test_gradient_accumulation_equals_one_big_batch(tmp_path):
-    pairs = [("1+1\n", "1+1=2\nThe answer is 2"), ("2*3\n", "2*3=6\nThe answer is 6"), ("9-4\n", "9-4=5\nThe answer is 5")]
+    pairs = [("1+1\n", "1+1=2\nThe answer is 2"), ("2*3\n", "2*3=6\nThe answer is 6"),
+             ("9-4\n", "9-4=5\nThe answer is 5")]
     weights = []
     for micro in (3, 1):
         model, tokenizer = load_model("tiny", seed=0)
-        sft.train(model, tokenizer, pairs, small_args(tmp_path, epochs=1, batch_size=3, micro_batch_size=micro, warmup_ratio=0.0))
+        args = small_args(tmp_path, epochs=1, batch_size=3, micro_batch_size=micro,
+                          warmup_ratio=0.0)
+        sft.train(model, tokenizer, pairs, args)
         weights.append(model.model.embed_tokens.weight.detach().clone())
     torch.testing.assert_close(weights[0], weights[1], atol=1e-5, rtol=1e-4)
 
 
 def test_toy_cli_end_to_end(tmp_path):
     out_dir = str(tmp_path / "cli")
-    sft.main(["--preset", "toy", "--task", "arith:n_train=96,n_test=8", "--epochs", "2", "--batch_size", "16",
-              "--out_dir", out_dir, "--eval_max_new_tokens", "16"])
+    sft.main(["--preset", "toy", "--task", "arith:n_train=96,n_test=8", "--epochs", "2",
+              "--batch_size", "16", "--out_dir", out_dir, "--eval_max_new_tokens", "16"])
     metrics = [json.loads(line) for line in open(os.path.join(out_dir, "metrics.jsonl"))]
     assert [m["epoch"] for m in metrics] == [1, 2]
     assert metrics[1]["loss"] < metrics[0]["loss"]
