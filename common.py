@@ -303,7 +303,7 @@ def gradient_checkpointing(model, enable=True):
             layer.forward = functools.partial(_recomputed, type(layer).forward, layer)
 
 def shard(items):
-    """This rank's share, items[rank::world], wrapped around so that every rank gets as many."""
+    """This rank's items[rank::world], wrapped around so every rank gets as many (DDP, FSDP)."""
     per_rank = math.ceil(len(items) / WORLD)
     return [items[i % len(items)] for i in range(RANK, per_rank * WORLD, WORLD)]
 
@@ -797,7 +797,7 @@ def run_sandboxed(code, *, timeout=10.0, memory_mb=1024, max_output=2 ** 20, no_
 
 def save(model, tokenizer, out_dir, args=None):
     """save_pretrained (LoRA merged into plain weights), the tokenizer and args.json. All ranks call
-    it; rank 0 writes."""
+    it; rank 0 writes a temporary folder, then renames it (README, Stopping and resuming)."""
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     state = get_model_state_dict(model, options=options)
     if RANK == 0:
@@ -868,7 +868,8 @@ def _cut_logs(folder, sizes):
 
 def save_state(path, model=None, optimizer=None, **extra):
     """A resumable state at path, in the run folder: full weights and optimiser (plain, DDP, FSDP2),
-    every rank's RNG streams, the logs' sizes and `extra`. All ranks call it; rank 0 writes."""
+    every rank's RNG streams, the logs' sizes and `extra`. All ranks call it; rank 0 writes (one
+    node: every rank reads that file back)."""
     full = StateDictOptions(full_state_dict=True, cpu_offload=True)
     weights = {}
     moments = {}
