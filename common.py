@@ -677,8 +677,10 @@ def is_equiv(pred, gold):
     """Numbers equal as rationals (0.5 = 1/2 = \\frac12), else Hendrycks-normalised strings."""
     if pred is None or gold is None:
         return False
-    a, b = normalize_answer(pred), normalize_answer(gold)
-    x, y = _as_number(a), _as_number(b)
+    a = normalize_answer(pred)
+    b = normalize_answer(gold)
+    x = _as_number(a)
+    y = _as_number(b)
     return x == y if x is not None and y is not None else bool(a) and a == b
 
 def majority_answer(answers):
