@@ -1,4 +1,5 @@
-"""Plumbing shared by every method script (no method's maths); its public names are a contract: see README's map."""
+"""Plumbing shared by every method script (no method's maths). The scripts and tests import its
+public names: README, Map of the files."""
 import argparse
 import contextlib
 import dataclasses
@@ -34,11 +35,13 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, DynamicCache, PreTrainedTokenizerFast
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, DynamicCache,
+                          PreTrainedTokenizerFast)
 from transformers.modeling_layers import GradientCheckpointingLayer
 
-RANK, WORLD = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))  # set by torchrun
-if WORLD > 1 and not dist.is_initialized():  # under torchrun, join the group: NCCL with a GPU per rank, or gloo
+RANK = int(os.environ.get("RANK", 0))  # set by torchrun
+WORLD = int(os.environ.get("WORLD_SIZE", 1))
+if WORLD > 1 and not dist.is_initialized():  # under torchrun: NCCL with a GPU per rank, or gloo
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
@@ -60,21 +63,24 @@ def _preset_help(presets):
     return " ".join(sentences).replace("%", "%%")
 
 def _flag_meant(flag, names):
-    """The field an unknown flag most likely meant: one it abbreviates (--learning_rate: lr), or one
-    spelled alike (--seeds: seed); None if nothing is close."""
+    """The field an unknown flag most likely meant (--learning_rate: lr, --seeds: seed), or None."""
     parts = flag.lstrip("-").partition("=")[0].split("_")
     for k in range(len(parts) - 1):  # the last parts by their initials: --dpo_learning_rate: dpo_lr
-        short = "_".join(parts[:k] + ["".join(part[:1] for part in parts[k:])])
+        initials = "".join(part[:1] for part in parts[k:])
+        short = "_".join(parts[:k] + [initials])
         if short in names:
             return short
-    return next(iter(difflib.get_close_matches("_".join(parts), names, n=1)), None)
+    close = difflib.get_close_matches("_".join(parts), names, n=1)
+    return close[0] if close else None
 
 def parse_args(cls, presets=None, argv=None):
-    """argparse from a dataclass, field docstrings as --help; explicit flags override `--preset NAME`'s values."""
-    presets, fields = presets or {}, dataclasses.fields(cls)
+    """argparse from a dataclass, field docstrings as --help; explicit flags beat --preset's."""
+    presets = presets or {}
+    fields = dataclasses.fields(cls)
     docs = {}  # a field's help: the string literal on the lines under it
-    with contextlib.suppress(OSError, TypeError):  # no source code (a class typed into a notebook): no help
-        docs = dict(re.findall(r'^ +(\w+):[^\n]*\n +"""(.*?)"""', inspect.getsource(cls), re.MULTILINE | re.DOTALL))
+    with contextlib.suppress(OSError, TypeError):  # no source (a class typed into a notebook)
+        source = inspect.getsource(cls)
+        docs = dict(re.findall(r'^ +(\w+):[^\n]*\n +"""(.*?)"""', source, re.MULTILINE | re.DOTALL))
     # --help: what the script does (not the generated `Args(...)`), then its docstring's run lines
     about = inspect.cleandoc(cls.__doc__ or "")
     about = "" if about.startswith(f"{cls.__name__}(") else about
@@ -87,7 +93,8 @@ def parse_args(cls, presets=None, argv=None):
     parser.add_argument("--preset", choices=sorted(presets), help=_preset_help(presets))
     for f in fields:
         how = dict(action=argparse.BooleanOptionalAction) if f.type is bool else dict(type=f.type)
-        parser.add_argument(f"--{f.name}", default=f.default, help=docs.get(f.name, "").replace("%", "%%"), **how)
+        field_help = docs.get(f.name, "").replace("%", "%%")
+        parser.add_argument(f"--{f.name}", default=f.default, help=field_help, **how)
     preset = parser.parse_known_args(argv)[0].preset
     if unknown := set(presets.get(preset, {})) - {f.name for f in fields}:
         fail(f"preset {preset!r} sets unknown fields {sorted(unknown)}")
@@ -140,66 +147,78 @@ def check_trained(name, flag):
              f"checkpoint folder such as runs/toy-sft (`python sft.py --preset toy` writes it)")
 
 ALIASES = {  # the papers' base models
-    "deepseek-math-7b": "deepseek-ai/deepseek-math-7b-base", "mistral-7b": "mistralai/Mistral-7B-v0.1",
-    "llemma-7b": "EleutherAI/llemma_7b", "llama2-7b": "meta-llama/Llama-2-7b-hf", "qwen2.5-0.5b": "Qwen/Qwen2.5-0.5B",
+    "deepseek-math-7b": "deepseek-ai/deepseek-math-7b-base",
+    "mistral-7b": "mistralai/Mistral-7B-v0.1", "llemma-7b": "EleutherAI/llemma_7b",
+    "llama2-7b": "meta-llama/Llama-2-7b-hf", "qwen2.5-0.5b": "Qwen/Qwen2.5-0.5B",
     "codellama-7b": "codellama/CodeLlama-7b-hf", "llama3-8b": "meta-llama/Meta-Llama-3-8B",
     "galactica-6.7b": "facebook/galactica-6.7b", "galactica-125m": "facebook/galactica-125m"}
-TINY = dict(vocab_size=259, hidden_size=128, num_hidden_layers=4, num_attention_heads=4, intermediate_size=384,
-            max_position_embeddings=512, tie_word_embeddings=True, bos_token_id=256, eos_token_id=257, pad_token_id=258)
+TINY = dict(vocab_size=259, hidden_size=128, num_hidden_layers=4, num_attention_heads=4,
+            intermediate_size=384, max_position_embeddings=512, tie_word_embeddings=True,
+            bos_token_id=256, eos_token_id=257, pad_token_id=258)
 
 def byte_tokenizer():
-    """A byte-level tokenizer built in code: ids 0-255 are bytes, then <s>, </s>, <pad> (TINY's 259 ids)."""
+    """Built in code: ids 0-255 are bytes, then <s>, </s>, <pad> (TINY's 259 ids)."""
     vocab = {f"<0x{b:02X}>": b for b in range(256)} | {"<s>": 256, "</s>": 257, "<pad>": 258}
     backend = Tokenizer(models.BPE(vocab=vocab, merges=[], byte_fallback=True))
     backend.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Fuse()])
-    backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 256)])
-    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    bos = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 256)])
+    backend.post_processor = bos
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>",
+                                   pad_token="<pad>")
 
 def load_model(name_or_path, *, dtype=None, device=None, lora_rank=0, seed=0, frozen=False,
                reference=False):
-    """(model, tokenizer) from `tiny`, a paper alias, a local checkpoint or a hub id.
-    dtype is the compute dtype (bf16 on CUDA) of forwards under autocast(model). The weights that
-    train are fp32: all of them, or with lora_rank > 0 the adapters over a trunk in dtype.
-    frozen=True (a sampler, a reference policy) keeps every weight in dtype; reference=True counts
-    a bf16 reference copy beside a full fine-tune when checking that it fits one GPU."""
+    """(model, tokenizer) from `tiny[:knob=value,...]`, a paper alias, a folder or a hub id.
+    Forwards run in `dtype` (bf16 on CUDA) under autocast(model); the weights that train are fp32:
+    all of them, or with lora_rank > 0 the adapters over a trunk in dtype. frozen=True (a sampler,
+    a reference policy) keeps every weight in dtype; reference=True tells check_memory that a bf16
+    reference copy sits beside a full fine-tune."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     full = lora_rank == 0 and not frozen  # all weights train: fp32 masters (bf16 loses small steps)
     storage = torch.float32 if full else dtype
+    bytes_per_param = full * (16 + 2 * reference)
     torch.manual_seed(seed)
     source = ALIASES.get(name_or_path, name_or_path)
-    if source.partition(":")[0] == "tiny":  # a fresh ~1M-parameter Llama, no download; `tiny:key=value,...` resizes it
-        config = AutoConfig.for_model("llama", **with_knobs(source, TINY, "tiny:hidden_size=256,num_attention_heads=8"))
-        check_memory(config, device, full * (16 + 2 * reference))
+    is_path = source.startswith((".", "/", "~", "runs/"))
+    if source.partition(":")[0] == "tiny":  # a fresh ~1M-parameter Llama, no download
+        knobs = with_knobs(source, TINY, "tiny:hidden_size=256,num_attention_heads=8")
+        config = AutoConfig.for_model("llama", **knobs)
+        check_memory(config, device, bytes_per_param)
         tokenizer = byte_tokenizer()
         model = AutoModelForCausalLM.from_config(config).to(storage)
-    elif source.startswith((".", "/", "~", "runs/")) and not os.path.isdir(source):  # a path: fail now, not at the hub
-        fail(f"no checkpoint folder {name_or_path!r} (`python sft.py --preset toy` writes runs/toy-sft)")
+    elif is_path and not os.path.isdir(source):  # fail now, not at the hub
+        fail(f"no checkpoint folder {name_or_path!r} (`python sft.py --preset toy` writes "
+             f"runs/toy-sft)")
     elif os.path.isdir(source) or re.fullmatch(r"[\w.-]+/[\w.-]+", source):
         if not os.path.isdir(source):
             _check_hub(source, name_or_path)
         try:
             tokenizer = AutoTokenizer.from_pretrained(source)
-            check_memory(AutoConfig.from_pretrained(source), device, full * (16 + 2 * reference))
+            check_memory(AutoConfig.from_pretrained(source), device, bytes_per_param)
             model = AutoModelForCausalLM.from_pretrained(source, dtype=storage)
         except OSError as error:
-            fail(f"could not load model {name_or_path!r}: no such folder, and the hub gave {type(error).__name__}")
+            fail(f"could not load model {name_or_path!r}: no such folder, and the hub gave "
+                 f"{type(error).__name__}")
     else:
-        fail(f"unknown model {name_or_path!r}: use tiny, a folder, a hub id (owner/name) or {', '.join(ALIASES)}")
-    meaningless = (None, tokenizer.eos_token_id, tokenizer.bos_token_id)  # pad = EOS/BOS invites bugs (PAPERS 7.2)
+        fail(f"unknown model {name_or_path!r}: use tiny, a folder, a hub id (owner/name) or "
+             f"{', '.join(ALIASES)}")
+    # pad = EOS (or BOS) hides the real EOS from masks built from token ids (huggingface/trl#1623)
+    meaningless = (None, tokenizer.eos_token_id, tokenizer.bos_token_id)
     if tokenizer.pad_token_id in meaningless and tokenizer.unk_token_id not in meaningless:
         tokenizer.pad_token = tokenizer.unk_token
     elif tokenizer.pad_token_id in meaningless:
         tokenizer.add_special_tokens({"pad_token": "<|pad|>"})
-        model.resize_token_embeddings(max(len(tokenizer), model.get_input_embeddings().num_embeddings))
+        n_embeddings = model.get_input_embeddings().num_embeddings
+        model.resize_token_embeddings(max(len(tokenizer), n_embeddings))
     tokenizer.padding_side = "left"
     model.generation_config.pad_token_id = tokenizer.pad_token_id
-    if lora_rank > 0:  # every linear layer of the trunk (not the output head) gets an adapter; only adapters train
+    if lora_rank > 0:  # adapters on the trunk's linear layers (not the head); only they train
         model.requires_grad_(False)
         for module in list(model.base_model.modules()):
             for name, child in module.named_children():
                 if isinstance(child, nn.Linear):
-                    setattr(module, name, LoRALinear(child, lora_rank, 2 * lora_rank))  # fp32 adapters
+                    setattr(module, name, LoRALinear(child, lora_rank, 2 * lora_rank))
     model.compute_dtype = dtype  # read by autocast(model)
     return model.to(device), tokenizer
 
@@ -218,8 +237,7 @@ def check_memory(config, device, bytes_per_param):
              f"--lora_rank 64, or shard it over several GPUs with torchrun (FSDP2)")
 
 def autocast(model):
-    """Every forward of a model in the compute dtype given to load_model (bf16 on CUDA) over its
-    fp32 weights; off at fp32."""
+    """Every forward in load_model's compute dtype (bf16 on CUDA) over fp32 weights; off at fp32."""
     unwrapped = getattr(model, "module", model)  # DDP keeps the model in .module
     dtype = getattr(unwrapped, "compute_dtype", torch.float32)
     return torch.autocast(unwrapped.device.type, dtype=dtype, enabled=dtype != torch.float32)
@@ -240,21 +258,26 @@ def _check_hub(repo, name):
              f"({type(error).__name__}): check the path, or the network for a hub model")
 
 class LoRALinear(nn.Module):
-    """y = W x + (alpha / r) B A x with W frozen; B starts at zero so the wrapped layer starts as W."""
+    """y = W x + (alpha / r) B A x, W frozen, A and B fp32; B starts at 0: the layer starts as W."""
     def __init__(self, base, rank, alpha):
         super().__init__()
-        self.base, self.scale, self.enabled = base, alpha / rank, True
-        init = torch.randn(rank, base.in_features, device=base.weight.device) / math.sqrt(base.in_features)
-        self.lora_A, self.lora_B = nn.Parameter(init), nn.Parameter(init.new_zeros(base.out_features, rank))
+        self.base = base
+        self.scale = alpha / rank
+        self.enabled = True
+        init = torch.randn(rank, base.in_features, device=base.weight.device)
+        init = init / math.sqrt(base.in_features)
+        self.lora_A = nn.Parameter(init)
+        self.lora_B = nn.Parameter(init.new_zeros(base.out_features, rank))
 
     def forward(self, x):
         if not self.enabled:
             return self.base(x)
-        return self.base(x) + (x.to(self.lora_A.dtype) @ self.lora_A.T @ self.lora_B.T * self.scale).to(x.dtype)
+        update = x.to(self.lora_A.dtype) @ self.lora_A.T @ self.lora_B.T * self.scale
+        return self.base(x) + update.to(x.dtype)
 
 @contextlib.contextmanager
 def adapters_disabled(model):
-    """The base model without adapters: the frozen reference policy, with no second copy of the weights."""
+    """The base model without adapters: the frozen reference policy, with no copy of the weights."""
     layers = [m for m in model.modules() if isinstance(m, LoRALinear)]
     for layer in layers:
         layer.enabled = False
@@ -265,26 +288,36 @@ def adapters_disabled(model):
             layer.enabled = True
 
 def _recomputed(fn, *args, **kwargs):
-    """fn(*args, **kwargs), its activations recomputed in backward (non-reentrant); a plain call without grad."""
-    return checkpoint(fn, *args, use_reentrant=False, **kwargs) if torch.is_grad_enabled() else fn(*args, **kwargs)
+    """fn(*args, **kwargs), its activations recomputed in backward; a plain call without grad."""
+    if torch.is_grad_enabled():
+        return checkpoint(fn, *args, use_reentrant=False, **kwargs)
+    return fn(*args, **kwargs)
 
 def gradient_checkpointing(model, enable=True):
-    """Recompute each decoder layer in backward, also in eval() (RL, DPO) where HF's switch is off (PAPERS 7.9)."""
+    """Recompute each decoder layer in backward, also in eval() (RL, DPO) where HF's switch is off.
+    Non-reentrant, so frozen embeddings (LoRA) still pass gradients (transformers PR #43203)."""
     for layer in [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]:
-        layer.__dict__.pop("forward", None)  # an instance attribute: FSDP's module hooks stay outside the checkpoint
+        # an instance attribute: FSDP's module hooks stay outside the checkpoint
+        layer.__dict__.pop("forward", None)
         if enable:
             layer.forward = functools.partial(_recomputed, type(layer).forward, layer)
 
 def shard(items):
-    """This rank's share, items[rank::world], wrapped around so that every rank gets as many (DDP, FSDP need all)."""
-    return [items[i % len(items)] for i in range(RANK, -(-len(items) // WORLD) * WORLD, WORLD)]
+    """This rank's items[rank::world], wrapped around so every rank gets as many (DDP, FSDP)."""
+    per_rank = math.ceil(len(items) / WORLD)
+    return [items[i % len(items)] for i in range(RANK, per_rank * WORLD, WORLD)]
 
 def gather(items, total, n=1):
-    """shard's inverse: every rank's results for its share (n per item, item-major), in order, on every rank."""
+    """shard's inverse: every rank's results (n per item, item-major), in order, on every rank."""
     parts = [items]
     if WORLD > 1:
-        dist.all_gather_object(parts := [None] * WORLD, items)
-    return [result for i in range(total) for result in parts[i % WORLD][i // WORLD * n:(i // WORLD + 1) * n]]
+        parts = [None] * WORLD
+        dist.all_gather_object(parts, items)
+    results = []
+    for i in range(total):  # item i is on rank i % WORLD, at position i // WORLD
+        start = i // WORLD * n
+        results += parts[i % WORLD][start:start + n]
+    return results
 
 def all_reduce(tensor, mean=False):
     """The sum (or mean) over ranks of a tensor, in place; the tensor itself on one process."""
@@ -298,12 +331,11 @@ def mean_over_ranks(stats, device):
     return dict(zip(stats, values.tolist()))
 
 def linear_schedule(optimizer, warmup_steps, total_steps):
-    """The learning rate rises linearly over warmup_steps, then falls linearly to 0 at total_steps
-    (transformers' get_linear_schedule_with_warmup)."""
+    """transformers' get_linear_schedule_with_warmup."""
     def factor(step):
-        if step < warmup_steps:
+        if step < warmup_steps:  # 1) rise linearly over warmup_steps
             return step / warmup_steps
-        return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))  # 2) fall to 0
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 def positions_from_mask(attention_mask):
@@ -311,14 +343,18 @@ def positions_from_mask(attention_mask):
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 def wrap_model(model, fsdp=None):
-    """The model to train: itself on one process; under torchrun DDP (LoRA, small models) or FSDP2 (past 1B params)."""
+    """The model to train: itself on one process; under torchrun DDP (LoRA, small models) or FSDP2
+    (fsdp=None: past 1B trainable parameters)."""
     if WORLD == 1 or isinstance(model, FSDPModule):
         return model
-    if not (sum(p.numel() for p in model.parameters() if p.requires_grad) > 1e9 if fsdp is None else fsdp):
+    if fsdp is None:
+        fsdp = sum(p.numel() for p in model.parameters() if p.requires_grad) > 1e9
+    if not fsdp:
         return nn.parallel.DistributedDataParallel(model)
-    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)  # fp32 master shards
-    for module in [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)] + [model]:
-        fully_shard(module.float(), mp_policy=policy, reshard_after_forward=False)  # stays gathered through sampling
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    for module in layers + [model]:  # fp32 master shards, gathered all through sampling
+        fully_shard(module.float(), mp_policy=policy, reshard_after_forward=False)
     return model
 
 Example = namedtuple("Example", ["question", "rationale", "answer"])
@@ -327,22 +363,32 @@ HUB_TASKS = {"gsm8k": ("openai/gsm8k", "main"), "svamp": ("ChilleD/SVAMP", None)
              "math": ("DigitalLearningGmbH/MATH-lighteval", "default")}
 
 def arith_task(split, steps, digits, n_train, n_test, seed):
-    """Multi-step integer expressions, one calculation per rationale line; seeded, test questions never in train."""
-    rng, low, high, unique = random.Random(seed), 10 ** (digits - 1), 10 ** digits - 1, {}
+    """Seeded multi-step integer expressions, one calculation per rationale line; no test question
+    is in train."""
+    rng = random.Random(seed)
+    low = 10 ** (digits - 1)
+    high = 10 ** digits - 1
+    unique = {}
     while len(unique) < n_test + n_train:
         value = rng.randint(low, high)
-        expr, lines, last_op = str(value), [], None
+        expr = str(value)
+        lines = []
+        last_op = None
         for _ in range(steps):
             op = rng.choice("+-*")
             operand = rng.randint(2, 9) if op == "*" else rng.randint(low, high)
             if op == "-" and operand > value:
                 op = "+"  # every intermediate result stays non-negative
-            result = value + operand if op == "+" else value - operand if op == "-" else value * operand
+            result = {"+": value + operand, "-": value - operand, "*": value * operand}[op]
             lines.append(f"{value}{op}{operand}={result}")
-            expr = f"({expr}){op}{operand}" if op == "*" and last_op in ("+", "-") else f"{expr}{op}{operand}"
-            value, last_op = result, op
+            if op == "*" and last_op in ("+", "-"):
+                expr = f"({expr}){op}{operand}"
+            else:
+                expr = f"{expr}{op}{operand}"
+            value = result
+            last_op = op
         unique.setdefault(expr, Example(expr, "\n".join(lines), str(value)))
-    examples = list(unique.values())  # the first n_test are the test split
+    examples = list(unique.values())
     return {"test": examples[:n_test], "train": examples[n_test:]}[split]
 
 def read_records(path):
@@ -383,7 +429,8 @@ def _record_to_example(record, where):
     response} (GSM8K's rationale and `#### x`)."""
     try:
         if "problem" in record and "solution" in record:
-            return Example(record["problem"], record["solution"], extract_answer(record["solution"]) or "")
+            answer = extract_answer(record["solution"]) or ""
+            return Example(record["problem"], record["solution"], answer)
         if "Body" in record:
             answer = f"{float(record['Answer']):g}"
             question = f"{record['Body'].strip()} {record['Question'].strip()}"
@@ -401,12 +448,13 @@ def _record_to_example(record, where):
         rationale, final = solution.rsplit("####", 1)
         return Example(question, rationale.strip(), final.strip().replace(",", ""))
     except (KeyError, TypeError, ValueError, AttributeError) as error:
-        fail(f"{where}: missing or bad field {error}; each record needs question, rationale and answer, "
-             f"or GSM8K's question and answer ending in '#### x'")
+        fail(f"{where}: missing or bad field {error}; each record needs question, rationale and "
+             f"answer, or GSM8K's question and answer ending in '#### x'")
 
 def with_knobs(name, defaults, example):
-    """defaults updated by the integer knobs of `name:key=value,...` (arith:steps=2, tiny:num_hidden_layers=8)."""
-    overrides = dict(knob.partition("=")[::2] for knob in name.partition(":")[2].split(",") if knob)
+    """defaults updated by the integer knobs of `name:key=value,...` (arith:steps=2)."""
+    knobs = [knob for knob in name.partition(":")[2].split(",") if knob]
+    overrides = dict(knob.partition("=")[::2] for knob in knobs)
     if not set(overrides) <= set(defaults) or not all(v.isdigit() for v in overrides.values()):
         fail(f"bad knobs in {name!r}: write e.g. {example} with knobs from {sorted(defaults)}")
     return defaults | {k: int(v) for k, v in overrides.items()}
@@ -417,7 +465,8 @@ def load_task(name_or_path, split="train", test_task=""):
     given = split == "test" and bool(test_task)  # an explicit test set: a lone file is that split
     name_or_path = test_task if given else name_or_path
     if name_or_path.partition(":")[0] == "arith":
-        examples = arith_task(split, **with_knobs(name_or_path, ARITH, "arith:steps=3,digits=1"))
+        knobs = with_knobs(name_or_path, ARITH, "arith:steps=3,digits=1")
+        examples = arith_task(split, **knobs)
     elif name_or_path in HUB_TASKS:
         examples = [_record_to_example(row, f"{name_or_path} row {i}")
                     for i, row in enumerate(hub_rows(name_or_path, split))]
@@ -457,20 +506,26 @@ def hub_rows(name, split, tasks=HUB_TASKS):
         fail(f"could not load {name!r} ({split}) from {where}: {type(error).__name__}; "
              f"check the network")
 
-
-# text (decoded, cut before a stop string), token_ids (generated only, EOS included), finished (not by the length cap)
+# text: decoded, cut before a stop string; token_ids: the generated ones, EOS included;
+# finished: ended by EOS or a stop string, not by the length cap
 Completion = namedtuple("Completion", ["text", "token_ids", "finished"])
 
 def _generate_batch(model, tokenizer, prompts, max_new_tokens, temperature, top_p, stop,
                     max_total_tokens):
-    enc = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left").to(model.device)
-    step_ids, mask = enc["input_ids"], enc["attention_mask"]
+    """One left-padded batch, decoded a token at a time with a KV cache."""
+    enc = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left")
+    enc = enc.to(model.device)
+    step_ids = enc["input_ids"]
+    mask = enc["attention_mask"]
     context = getattr(model.config, "max_position_embeddings", None) or math.inf
     if mask.shape[1] >= context:
-        fail(f"a prompt has {mask.shape[1]} tokens but the model's context is {context}: shorten the prompts")
+        fail(f"a prompt has {mask.shape[1]} tokens but the model's context is {context}: "
+             f"shorten the prompts")
     eos = model.generation_config.eos_token_id  # None, one id or a list of ids
     eos = {tokenizer.eos_token_id, *(eos if isinstance(eos, list) else [eos])}
-    generated, done, stopped = [[] for _ in prompts], [False] * len(prompts), [False] * len(prompts)
+    generated = [[] for _ in prompts]
+    done = [False] * len(prompts)
+    stopped = [False] * len(prompts)
     cache = DynamicCache(config=model.config)
     positions = positions_from_mask(mask)
     limit = min(context, max_total_tokens or math.inf)  # prompt + response, the batch padded as one
@@ -485,67 +540,84 @@ def _generate_batch(model, tokenizer, prompts, max_new_tokens, temperature, top_
                 sorted_probs, order = probs.sort(dim=-1, descending=True)
                 sorted_probs[sorted_probs.cumsum(-1) - sorted_probs > top_p] = 0
                 probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
-        tokens = torch.multinomial(probs, 1).squeeze(-1) if temperature > 0 else logits.argmax(-1)
+            tokens = torch.multinomial(probs, 1).squeeze(-1)
+        else:
+            tokens = logits.argmax(-1)
         for row, token in enumerate(tokens.tolist()):
-            if not done[row]:
-                generated[row].append(token)
-                if stop and token not in eos:  # the newest few tokens hold any stop string that just completed
-                    tail = tokenizer.decode(generated[row][-max(map(len, stop)) - 4:], skip_special_tokens=True)
-                    stopped[row] = any(s in tail for s in stop)
-                done[row] = token in eos or stopped[row]
+            if done[row]:
+                continue
+            generated[row].append(token)
+            if stop and token not in eos:  # a stop string just completed lies in the newest tokens
+                newest = generated[row][-max(map(len, stop)) - 4:]
+                tail = tokenizer.decode(newest, skip_special_tokens=True)
+                stopped[row] = any(s in tail for s in stop)
+            done[row] = token in eos or stopped[row]
         if all(done):
             break
-        step_ids = torch.where(torch.tensor(done, device=model.device), tokenizer.pad_token_id, tokens)[:, None]
+        finished = torch.tensor(done, device=model.device)
+        step_ids = torch.where(finished, tokenizer.pad_token_id, tokens)[:, None]
         mask = torch.cat([mask, mask.new_ones(len(prompts), 1)], dim=1)
         positions = positions[:, -1:] + 1
     texts = tokenizer.batch_decode(generated, skip_special_tokens=True)
-    # a window can start inside a multi-byte character and show a stop string the full text lacks: keep it whole
-    texts = [text[:min((text.find(s) for s in stop if s in text), default=len(text))] if cut else text
-             for text, cut in zip(texts, stopped)]
+    for row, text in enumerate(texts):
+        # a window may start inside a multi-byte character and show a stop string the full text
+        # lacks: such a text stays whole
+        ends = [text.find(s) for s in stop if s in text] if stopped[row] else []
+        texts[row] = text[:min(ends, default=len(text))]
     return [Completion(*row) for row in zip(texts, generated, done)]
 
 @torch.no_grad()
 def generate(model, tokenizer, prompts, *, max_new_tokens, temperature=0.0, top_p=1.0, n=1,
              stop=None, batch_size=None, sharded=False, max_total_tokens=None):
-    """Own decode loop with a KV cache; n completions per prompt, prompt-major. Greedy when temperature=0.
-    sharded=True (torchrun): each rank decodes its share of the prompts, and every rank gets all the
-    completions. max_total_tokens caps each batch's padded prompt + response (HF's max_length)."""
+    """n completions per prompt, prompt-major, from our own decode loop (greedy at temperature 0).
+    sharded=True (torchrun): each rank decodes its share, every rank gets all the completions.
+    max_total_tokens caps each batch's padded prompt + response (HF's max_length)."""
     rows = [prompt for prompt in (shard(prompts) if sharded else prompts) for _ in range(n)]
-    order = sorted(range(len(rows)), key=lambda i: -len(rows[i]))  # batch similar lengths: less padding
-    was_training, completions, batch_size = model.training, [], batch_size or max(len(rows), 1)
+    order = sorted(range(len(rows)), key=lambda i: -len(rows[i]))  # similar lengths: less padding
+    batch_size = batch_size or max(len(rows), 1)
+    was_training = model.training
     model.eval()
+    completions = []
     one_batch = dict(disable=True) if len(rows) <= batch_size else {}  # else TQDM_DISABLE decides
     for start in tqdm(range(0, len(rows), batch_size), desc="generate", leave=False, **one_batch):
         batch = [rows[i] for i in order[start:start + batch_size]]
         completions += _generate_batch(model, tokenizer, batch, max_new_tokens, temperature, top_p,
                                        stop, max_total_tokens)
     model.train(was_training)
-    completions = [completion for _, completion in sorted(zip(order, completions), key=lambda pair: pair[0])]
-    return gather(completions, len(prompts), n) if sharded else completions  # prompt order
+    by_row = dict(zip(order, completions))
+    completions = [by_row[i] for i in range(len(rows))]
+    return gather(completions, len(prompts), n) if sharded else completions
 
-def _chunk_logprobs(head, hidden, targets, temperature):  # div_ in place: one chunk-sized buffer less
-    return head(hidden).float().div_(temperature).log_softmax(-1).gather(-1, targets[:, None]).squeeze(-1)
+def _chunk_logprobs(head, hidden, targets, temperature):
+    """log p(targets) from a chunk of hidden states; div_ in place spares a chunk-sized buffer."""
+    logits = head(hidden).float().div_(temperature)
+    return logits.log_softmax(-1).gather(-1, targets[:, None]).squeeze(-1)
 
-def token_logprobs(model, input_ids, attention_mask, *, temperature=1.0, return_hidden=False, chunk_elements=2 ** 23):
-    """log p(input_ids[:, t+1] | prefix) as [B, L-1], 0 at padding; return_hidden=True adds the last hidden state.
-    The wrapper's (DDP, FSDP2) forward keeps one logit; the head runs in chunks, recomputed in backward: memory-lean."""
+def token_logprobs(model, input_ids, attention_mask, *, temperature=1.0, return_hidden=False,
+                   chunk_elements=2 ** 23):
+    """log p(input_ids[:, t+1] | prefix) as [B, L-1], 0 at padding; return_hidden=True adds the
+    last hidden state. Memory-lean: the wrapped (DDP, FSDP2) forward keeps one logit, and the head
+    runs in chunks recomputed in backward."""
     positions = positions_from_mask(attention_mask)  # the positions generate used
     with autocast(model):  # bf16 compute on CUDA (recomputed alike); the log-softmax is fp32
         hidden = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
                        use_cache=False, output_hidden_states=True,
                        logits_to_keep=1).hidden_states[-1]  # the other layers' states are freed
         head = getattr(model, "module", model).get_output_embeddings()  # Llama, Mistral, GPT-2, OPT
-        pieces = []
         step = max(1, chunk_elements // head.out_features)
-        targets = input_ids[:, 1:].flatten().split(step)
-        for chunk in zip(hidden[:, :-1].flatten(0, 1).split(step), targets):
+        hidden_chunks = hidden[:, :-1].flatten(0, 1).split(step)
+        target_chunks = input_ids[:, 1:].flatten().split(step)
+        pieces = []
+        for chunk in zip(hidden_chunks, target_chunks):
             pieces.append(_recomputed(_chunk_logprobs, head, *chunk, temperature))
-    logprobs = torch.cat(pieces).view(input_ids.shape[0], -1) * attention_mask[:, 1:] * attention_mask[:, :-1]
+    logprobs = torch.cat(pieces).view(input_ids.shape[0], -1)  # [B, L-1]
+    logprobs = logprobs * attention_mask[:, 1:] * attention_mask[:, :-1]
     return (logprobs, hidden) if return_hidden else logprobs
 
 def batch_sequences(prompts, responses, pad_id, device):
-    """Right-padded prompt+response ids, attention mask and response mask, from lengths, never from token values
-    (pad may equal EOS, PAPERS 7.2). response_mask[b, t] = 1 where token_logprobs[b, t] scores a response token."""
+    """Right-padded prompt+response ids, attention mask and response mask, built from lengths and
+    never from token values (pad may equal EOS: huggingface/trl#1623). response_mask[b, t] = 1
+    where token_logprobs[b, t] scores a response token."""
     lengths = [len(p) + len(r) for p, r in zip(prompts, responses)]
     input_ids = torch.full((len(prompts), max(lengths)), pad_id, dtype=torch.long)
     attention_mask = (torch.arange(max(lengths)) < torch.tensor(lengths)[:, None]).long()
@@ -556,10 +628,12 @@ def batch_sequences(prompts, responses, pad_id, device):
     return input_ids.to(device), attention_mask.to(device), response_mask.to(device)
 
 def extract_answer(text):
-    """The last of `#### x`, `The answer is x`, `the answer is: x`, `\\boxed{x}`, `The final answer is $x$`; or None."""
-    text, found = text or "", []
+    """The last of `#### x`, `The answer is x`, `the answer is: x`, `\\boxed{x}`, or None."""
+    text = text or ""
+    found = []  # (where, answer)
     for match in re.finditer(r"(?:####|answer is:?)[ \t]*([^\n]*)", text, re.IGNORECASE):
-        answer = re.sub(r"^\$(.*)\$.*", r"\1", match.group(1).split("I hope it is correct")[0].strip())  # "$x$." -> "x"
+        answer = match.group(1).split("I hope it is correct")[0].strip()
+        answer = re.sub(r"^\$(.*)\$.*", r"\1", answer)  # "$x$." -> "x"
         found.append((match.start(), answer.strip().rstrip(".").strip()))
     for match in re.finditer(r"\\(?:boxed|fbox)\s*\{", text):
         depth = 1  # the boxed answer runs to the matching brace
@@ -573,45 +647,55 @@ def extract_answer(text):
 def normalize_answer(answer):
     """Hendrycks MATH normalisation, plus thousands separators and a trailing period."""
     s = str(answer).strip().replace("\n", "").replace("\\!", "").replace("\\\\", "\\")
-    s = s.replace("tfrac", "frac").replace("dfrac", "frac").replace("\\left", "").replace("\\right", "")
-    s = s.replace("^{\\circ}", "").replace("^\\circ", "").replace("\\$", "").replace("$", "")
+    s = s.replace("tfrac", "frac").replace("dfrac", "frac").replace("\\left", "")
+    s = s.replace("\\right", "").replace("^{\\circ}", "").replace("^\\circ", "")
+    s = s.replace("\\$", "").replace("$", "")
     s = re.sub(r"\\(?:text|mbox|mathrm)\{\s*[a-zA-Z ]*\}$", "", s).strip()  # trailing units
     s = s.replace("\\%", "").replace("%", "").replace(" .", " 0.").replace("{.", "{0.")
     s = ("0" + s if s.startswith(".") else s).rstrip(".")
-    s = s.split("=")[1] if len(s.split("=")) == 2 and len(s.split("=")[0].strip()) <= 2 else s  # "k = 5" -> "5"
+    sides = s.split("=")
+    if len(sides) == 2 and len(sides[0].strip()) <= 2:  # "k = 5" -> "5"
+        s = sides[1]
     s = re.sub(r"\\sqrt(\w)", r"\\sqrt{\1}", s).replace(" ", "")
     s = re.sub(r"\\frac([^{\\])([^{\\])", r"\\frac{\1}{\2}", s)  # \frac12 -> \frac{1}{2}
     s = re.sub(r"\\frac([^{\\])\{", r"\\frac{\1}{", s)  # \frac1{2} -> \frac{1}{2}
-    return s.replace(",", "") if re.fullmatch(r"-?\d{1,3}(,\d{3})+(\.\d+)?", s) else s  # 1,000 -> 1000
+    if re.fullmatch(r"-?\d{1,3}(,\d{3})+(\.\d+)?", s):  # 1,000 -> 1000
+        s = s.replace(",", "")
+    return s
 
 def _as_number(s):
     """An exact rational for an integer, decimal, a/b or \\frac{a}{b}; None for anything else."""
     num = r"-?\d+(?:\.\d+)?"
-    match = re.fullmatch(rf"(-?)\\frac\{{({num})\}}\{{({num})\}}", s) or re.fullmatch(rf"()({num})/({num})", s)
+    match = re.fullmatch(rf"(-?)\\frac\{{({num})\}}\{{({num})\}}", s)
+    match = match or re.fullmatch(rf"()({num})/({num})", s)
     if match and Fraction(match.group(3)) != 0:
         value = Fraction(match.group(2)) / Fraction(match.group(3))
         return -value if match.group(1) else value
     return Fraction(s) if re.fullmatch(num, s) else None
 
 def is_equiv(pred, gold):
-    """Numbers compared exactly as rationals (0.5 = 1/2 = \\frac12, 1,000 = 1000), else Hendrycks-normalised strings."""
+    """Numbers equal as rationals (0.5 = 1/2 = \\frac12), else Hendrycks-normalised strings."""
     if pred is None or gold is None:
         return False
-    a, b = normalize_answer(pred), normalize_answer(gold)
-    x, y = _as_number(a), _as_number(b)
+    a = normalize_answer(pred)
+    b = normalize_answer(gold)
+    x = _as_number(a)
+    y = _as_number(b)
     return x == y if x is not None and y is not None else bool(a) and a == b
 
 def majority_answer(answers):
-    """The most frequent answer (ties: the first seen), grouping equivalent spellings; None if none."""
-    keys = [normalize_answer(a) for a in answers if a is not None]
-    return max((a for a in answers if a is not None), key=lambda a: keys.count(normalize_answer(a)), default=None)
+    """The most frequent answer (ties: the first seen), equivalent spellings grouped; or None."""
+    answers = [a for a in answers if a is not None]
+    keys = [normalize_answer(a) for a in answers]
+    return max(answers, key=lambda a: keys.count(normalize_answer(a)), default=None)
 
-def evaluate(model, tokenizer, examples, prompt_fn, *, max_new_tokens=512, n=1, temperature=0.7, batch_size=64,
-             stop=None, extract=extract_answer, same=is_equiv):
-    """Greedy accuracy; with n > 1 also maj@n over n samples at `temperature`. Returns metrics +
+def evaluate(model, tokenizer, examples, prompt_fn, *, max_new_tokens=512, n=1, temperature=0.7,
+             batch_size=64, stop=None, extract=extract_answer, same=is_equiv):
+    """Greedy accuracy; with n > 1 also maj@n over n samples at `temperature`. Returns metrics and
     records. A paper's own grader: extract(text) -> answer or None, same(answer, gold) -> bool."""
     prompts = [prompt_fn(example) for example in examples]
-    settings = dict(max_new_tokens=max_new_tokens, batch_size=batch_size, stop=stop, sharded=True)  # torchrun: shares
+    # sharded: under torchrun each rank decodes its share
+    settings = dict(max_new_tokens=max_new_tokens, batch_size=batch_size, stop=stop, sharded=True)
     greedy = generate(model, tokenizer, prompts, **settings)
     preds = [extract(completion.text) for completion in greedy]
     records = [dict(question=e.question, gold=e.answer, completion=c.text, pred=p,
@@ -627,19 +711,27 @@ def evaluate(model, tokenizer, examples, prompt_fn, *, max_new_tokens=512, n=1, 
 
 NO_FORK = {"x86_64": (0xC000003E, 56, (57, 58)),  # seccomp ABI, clone, fork and vfork
            "aarch64": (0xC00000B7, 220, ())}
+ISOLATED = ["--unshare-all", "--unshare-user", "--disable-userns"]  # and none made inside
 
 def no_fork_filter():
     """seccomp BPF: a new process fails (EAGAIN), a thread (clone with CLONE_THREAD) may start."""
     abi, clone, forks = NO_FORK[platform.machine()]
-    allow, eagain, enosys = 0x7FFF0000, 0x50000 | errno.EAGAIN, 0x50000 | errno.ENOSYS
-    load, equal, bits, give = 0x20, 0x15, 0x45, 0x06  # BPF_LD|W|ABS, JMP|JEQ|K, JMP|JSET|K, RET|K
+    allow = 0x7FFF0000  # SECCOMP_RET_ALLOW
+    eagain = 0x50000 | errno.EAGAIN  # SECCOMP_RET_ERRNO
+    enosys = 0x50000 | errno.ENOSYS
+    load = 0x20  # BPF_LD | BPF_W | BPF_ABS: the word at offset k of seccomp_data
+    equal = 0x15  # BPF_JMP | BPF_JEQ | BPF_K
+    bits = 0x45  # BPF_JMP | BPF_JSET | BPF_K
+    give = 0x06  # BPF_RET | BPF_K
 
     def op(code, k, jump_true=0, jump_false=0):
         return struct.pack("=HBBI", code, jump_true, jump_false, k)
+    # seccomp_data: the syscall number at offset 0, the ABI at 4, the first argument at 16
     program = [op(load, 4), op(equal, abi, 1), op(give, enosys)]  # another ABI (i386 on x86-64)
     program += [op(load, 0), op(equal, 435, 0, 1), op(give, enosys)]  # clone3 hides its flags
     for number in forks:
         program += [op(equal, number, 0, 1), op(give, eagain)]
+    # clone without CLONE_THREAD (0x10000) in its flags
     program += [op(equal, clone, 0, 3), op(load, 16), op(bits, 0x10000, 1), op(give, eagain)]
     return b"".join(program + [op(give, allow)])
 
@@ -647,10 +739,11 @@ def no_fork_filter():
 def sandbox_tool():
     """bwrap's path if bubblewrap runs with user namespaces (x86-64 or aarch64 Linux), else None."""
     bwrap = shutil.which("bwrap")
-    probe = [bwrap, "--unshare-all", "--unshare-user", "--disable-userns", "--ro-bind", "/", "/"]
-    works = bwrap and platform.machine() in NO_FORK and subprocess.run(probe + ["true"], env={},
-                                                                      capture_output=True)
-    return bwrap if works and works.returncode == 0 else None
+    if not bwrap or platform.machine() not in NO_FORK:
+        return None
+    probe = subprocess.run([bwrap, *ISOLATED, "--ro-bind", "/", "/", "true"], env={},
+                           capture_output=True)
+    return bwrap if probe.returncode == 0 else None
 
 def run_sandboxed(code, *, timeout=10.0, memory_mb=1024, max_output=2 ** 20, no_sandbox=False):
     """(exited with 0, stdout up to max_output bytes) of untrusted Python: README, Security."""
@@ -658,25 +751,29 @@ def run_sandboxed(code, *, timeout=10.0, memory_mb=1024, max_output=2 ** 20, no_
     if bwrap is None and not no_sandbox:
         fail("model-written code needs bubblewrap with user namespaces (x86-64 or aarch64 Linux): "
              "apt-get install bubblewrap, or pass --no_sandbox to accept resource limits alone")
+    # set inside the sandbox, so they bind the program and not bwrap
     limits = dict(AS=memory_mb << 20, CPU=math.ceil(timeout), FSIZE=2 ** 24, NOFILE=64, NPROC=64,
-                  CORE=0)  # set inside the sandbox: they bind the program, not bwrap
-    launch = "".join(f"resource.setrlimit(resource.RLIMIT_{name}, ({value}, {value}))\n"
-                     for name, value in limits.items())
-    command = [sys.executable, "-I", "-c", "import os, resource, sys\n" + launch
-               + "os.execv(sys.executable, [sys.executable, '-I', '-c', sys.argv[1]])", code]
+                  CORE=0)
+    launcher = ["import os, resource, sys"]
+    for name, value in limits.items():
+        launcher.append(f"resource.setrlimit(resource.RLIMIT_{name}, ({value}, {value}))")
+    launcher.append("os.execv(sys.executable, [sys.executable, '-I', '-c', sys.argv[1]])")
+    command = [sys.executable, "-I", "-c", "\n".join(launcher), code]
     filter_in, filter_out = os.pipe()
     with tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as folder, open(filter_in, "rb"):
         with os.fdopen(filter_out, "wb") as f:
             f.write(no_fork_filter() if bwrap else b"")
-        if bwrap:  # namespaces: user, PID, network, mount, IPC, UTS; read-only system, private /tmp
+        if bwrap:
+            # new user, PID, network, mount, IPC and UTS namespaces, no capabilities
+            isolation = [*ISOLATED, "--cap-drop", "ALL", "--new-session", "--die-with-parent"]
+            devices = ["--proc", "/proc", "--dev", "/dev"]
+            # what the interpreter needs, read-only (-try: a folder this system lacks is skipped)
             system = sorted({"/usr", "/lib", "/lib64", os.path.realpath(sys.prefix),
-                             sys.base_prefix})  # what the interpreter needs
-            command = [bwrap, "--unshare-all", "--unshare-user", "--disable-userns", "--cap-drop",
-                       "ALL", "--new-session", "--die-with-parent", "--proc", "/proc",
-                       "--dev", "/dev",
-                       *(arg for path in system for arg in ("--ro-bind-try", path, path)),
-                       "--size", str(2 ** 24), "--tmpfs", "/tmp", "--chdir", "/tmp", "--remount-ro",
-                       "/dev", "--remount-ro", "/", "--seccomp", str(filter_in), *command]
+                             sys.base_prefix})
+            read_only = [arg for path in system for arg in ("--ro-bind-try", path, path)]
+            scratch = ["--size", str(2 ** 24), "--tmpfs", "/tmp", "--chdir", "/tmp"]  # 16 MB
+            sealed = ["--remount-ro", "/dev", "--remount-ro", "/", "--seccomp", str(filter_in)]
+            command = [bwrap, *isolation, *devices, *read_only, *scratch, *sealed, *command]
         with subprocess.Popen(command, cwd=folder, env={}, stdin=subprocess.DEVNULL,
                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                               start_new_session=True, pass_fds=[filter_in]) as run:
@@ -697,18 +794,22 @@ def run_sandboxed(code, *, timeout=10.0, memory_mb=1024, max_output=2 ** 20, no_
             status = run.poll()
             with contextlib.suppress(OSError):  # bwrap's death kills all inside (--die-with-parent)
                 os.killpg(run.pid, signal.SIGKILL)
-    return status == 0 and len(output) <= max_output, output[:max_output].decode(errors="replace")
+    exited = status == 0 and len(output) <= max_output
+    return exited, output[:max_output].decode(errors="replace")
 
 def save(model, tokenizer, out_dir, args=None):
-    """save_pretrained (LoRA merged into plain weights) + tokenizer + args.json; all ranks call it,
-    rank 0 writes into a folder next to out_dir, then renames it: a kill never leaves one that looks
-    finished."""
-    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    """save_pretrained (LoRA merged into plain weights), the tokenizer and args.json. All ranks call
+    it; rank 0 writes a temporary folder, then renames it (README, Stopping and resuming)."""
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    state = get_model_state_dict(model, options=options)
     if RANK == 0:
         for name, module in model.named_modules():
             if isinstance(module, LoRALinear):  # W + (alpha / r) B A under the plain layer's name
-                weight, lora_a, lora_b = (state.pop(f"{name}.{key}") for key in ("base.weight", "lora_A", "lora_B"))
-                state[f"{name}.weight"] = (weight.float() + module.scale * lora_b @ lora_a).to(weight.dtype)
+                weight = state.pop(f"{name}.base.weight")
+                lora_a = state.pop(f"{name}.lora_A")
+                lora_b = state.pop(f"{name}.lora_B")
+                merged = weight.float() + module.scale * lora_b @ lora_a
+                state[f"{name}.weight"] = merged.to(weight.dtype)
                 if module.base.bias is not None:
                     state[f"{name}.bias"] = state.pop(f"{name}.base.bias")
         temporary = out_dir.rstrip("/") + ".saving"  # a kill leaves this unfinished, never out_dir
@@ -731,11 +832,12 @@ def save(model, tokenizer, out_dir, args=None):
 
 def start_run(args):
     """Never two runs in one out_dir. A fresh run needs a folder without one (its settings go to
-    run.json); --resume needs the recorded settings and returns out_dir/state.pt to continue from
-    (None: no state saved yet, so the logs are cleared and the run starts over)."""
-    record, state = (os.path.join(args.out_dir, name) for name in ("run.json", "state.pt"))
+    run.json); --resume needs the same settings and returns out_dir/state.pt to continue from, or
+    None when no state was saved yet (the logs are cleared and the run starts over)."""
+    record = os.path.join(args.out_dir, "run.json")
+    state = os.path.join(args.out_dir, "state.pt")
     settings = {key: value for key, value in dataclasses.asdict(args).items() if key != "resume"}
-    earlier = [os.path.join(args.out_dir, name) for name in ("run.json", "metrics.jsonl")]
+    earlier = [record, os.path.join(args.out_dir, "metrics.jsonl")]
     if not args.resume and any(map(os.path.exists, earlier)):
         fail(f"{args.out_dir} holds an earlier run: add --resume to continue it, or start afresh "
              f"in another --out_dir")
@@ -767,17 +869,20 @@ def _cut_logs(folder, sizes):
             os.remove(os.path.join(folder, name))
 
 def save_state(path, model=None, optimizer=None, **extra):
-    """A resumable state at path, in the run folder: full weights and optimiser (plain/DDP/FSDP2),
-    every rank's RNG streams, the logs' sizes and `extra` (step, generators...). All ranks call it;
-    rank 0 writes, to a temporary file then renamed (one node: every rank reads it back)."""
+    """A resumable state at path, in the run folder: full weights and optimiser (plain, DDP, FSDP2),
+    every rank's RNG streams, the logs' sizes and `extra`. All ranks call it; rank 0 writes (one
+    node: every rank reads that file back)."""
     full = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    weights, moments = {}, {}
+    weights = {}
+    moments = {}
     if model is not None:
         weights, moments = get_state_dict(model, optimizer or [], options=full)
     cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
-    rngs = [(random.getstate(), torch.get_rng_state(), cuda)]
+    mine = (random.getstate(), torch.get_rng_state(), cuda)
+    rngs = [mine]
     if WORLD > 1:
-        dist.all_gather_object(rngs := [None] * WORLD, rngs[0])
+        rngs = [None] * WORLD
+        dist.all_gather_object(rngs, mine)
     if RANK == 0:
         folder = os.path.dirname(path) or "."
         logs = {name: os.path.getsize(os.path.join(folder, name)) for name in os.listdir(folder)
@@ -806,7 +911,7 @@ def load_state(path, model=None, optimizer=None):
     return state["extra"]
 
 class Logger:
-    """Metrics to stdout and out_dir/metrics.jsonl; samples to out_dir/samples.jsonl. Rank 0 only: the others no-op."""
+    """Metrics to stdout and out_dir/metrics.jsonl, samples to out_dir/samples.jsonl (rank 0)."""
     def __init__(self, out_dir):
         self.out_dir = out_dir
         if RANK == 0:
