@@ -60,8 +60,10 @@ SHAPE_TINY = dict(vocab_size=512, hidden_size=64, intermediate_size=172, num_hid
                   rope_theta=10000.0, rms_norm_eps=1e-6, tie_word_embeddings=False)
 BYTE_IDS = dict(bos_token_id=256, eos_token_id=257, pad_token_id=258)  # common.byte_tokenizer()
 TINY_BENCH = dict(bench_gpu.CONFIG, vocab_size=512, hidden_size=64, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, intermediate_size=172)
+                  num_attention_heads=4, num_key_value_heads=2, intermediate_size=172,
+                  initializer_range=0.2)  # sharp attention: a wrong cache slot shows
 TASK = "arith:n_train=16,n_test=8"
+TINY_TASK = "arith:n_train=8,n_test=2"  # --tiny: as small as every script accepts
 
 
 def cuda():
@@ -157,18 +159,19 @@ def judged_reward(problem, text, args):
 def script_runs(start, trained, root, tiny):
     """(name, module, argv) of each script; `trained` is sft.py's output (the others' start)."""
     lora = ["--lora_rank", "8" if tiny else "64"]
-    common_flags = ["--preset", "toy", "--task", TASK, *lora]
-    tokens = "16" if tiny else "32"
+    common_flags = ["--preset", "toy", "--task", TINY_TASK if tiny else TASK, *lora]
+    tokens = "8" if tiny else "32"
+    n_eval = "2" if tiny else "8"
     return [
         ("sft", sft, [*common_flags, "--model", start, "--epochs", "1", "--batch_size", "8",
-                      "--micro_batch_size", "4", "--max_length", "128", "--n_eval", "8",
-                      "--eval_max_new_tokens", tokens, "--eval_batch_size", "8",
+                      "--micro_batch_size", "4", "--max_length", "128", "--n_eval", n_eval,
+                      "--eval_max_new_tokens", tokens, "--eval_batch_size", n_eval,
                       "--out_dir", trained]),
         ("reft_ppo", reft_ppo, [*common_flags, "--model", trained, "--warmup_epochs", "1",
                                 "--warmup_batch_size", "8", "--epochs", "1", "--n_train", "8",
                                 "--rollout_batch_size", "8", "--micro_batch_size", "4",
                                 "--max_total_tokens", "96", "--eval_max_total_tokens", "96",
-                                "--n_eval", "8", "--out_dir", f"{root}/reft_ppo"]),
+                                "--n_eval", n_eval, "--out_dir", f"{root}/reft_ppo"]),
         ("self_explore", self_explore, [*common_flags, "--model", start, "--sft_model", trained,
                                         "--n_val", "2", "--n_samples", "2", "--explore_k", "1",
                                         "--rft_epochs", "1", "--dpo_epochs", "1",
@@ -181,7 +184,7 @@ def script_runs(start, trained, root, tiny):
           "--train_sequences", "8", "--batch_size", "8", "--micro_batch_size", "4",
           "--max_new_tokens", tokens, "--out_dir", f"{root}/guided_self_improve"]),
         ("score", score, [*common_flags, "--model", trained, "--format_warmup_epochs", "1",
-                          "--format_warmup_questions", "8", "--n_train", "8", "--n_eval", "8",
+                          "--format_warmup_questions", "8", "--n_train", "8", "--n_eval", n_eval,
                           "--stage1_steps", "2", "--stage2_steps", "2", "--batch_size", "4",
                           "--samples_per_prompt", "2", "--micro_batch_size", "4",
                           "--max_new_tokens", tokens, "--out_dir", f"{root}/score"]),
@@ -239,7 +242,8 @@ def run_paper(tiny, layer_counts, deadline, root):
             if out_dir != trained:
                 shutil.rmtree(out_dir, ignore_errors=True)  # several GB of checkpoints each
         shutil.rmtree(folder, ignore_errors=True)
-    return dict(shape=shape, task=TASK, rows=rows, extrapolated=extrapolate(rows, layer_counts))
+    task = TINY_TASK if tiny else TASK
+    return dict(shape=shape, task=task, rows=rows, extrapolated=extrapolate(rows, layer_counts))
 
 
 def extrapolate(rows, layer_counts, target=30):
