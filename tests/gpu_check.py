@@ -498,6 +498,8 @@ def main(argv=None):
                         help="seconds; later runs are skipped (and said so) once it is spent")
     args = parser.parse_args(argv)
     deadline = time.time() + args.budget
+    if args.tiny and not cuda():
+        torch.set_num_threads(1)  # toy sizes gain nothing from threads that wait for each other
     import transformers
     summary = dict(device=torch.cuda.get_device_name() if cuda() else "cpu",
                    torch=torch.__version__, transformers=transformers.__version__,

@@ -9,6 +9,16 @@ import torch
 import bench_gpu
 import gpu_check
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One thread: toy-sized matrix products gain nothing from two, and on a shared machine
+    two threads that wait for each other run 10 to 60 times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 SCRIPTS = ("sft", "reft_ppo", "self_explore", "guided_self_improve", "score")
 
 
