@@ -1,4 +1,4 @@
-"""One GPU check in one call (issue 20): bench_gpu.py, each script's paper-scale path, a fast sampler.
+"""One GPU check in one call (issue 20): bench_gpu.py, the paper-scale paths, a fast sampler.
 
     python tests/gpu_check.py                 # a CUDA GPU: about 8 minutes on an H200
     python tests/gpu_check.py --tiny          # toy sizes on a CPU: checks that the script runs
@@ -231,7 +231,8 @@ def run_paper(tiny, layer_counts, deadline, root):
         trained = os.path.join(folder, "sft")
         for name, module, argv in script_runs(start, trained, folder, tiny):
             if time.time() > deadline:
-                rows.append(dict(layers=layers, script=name, ok=False, error="skipped: out of time"))
+                skipped = dict(ok=False, error="skipped: out of time")
+                rows.append(dict(layers=layers, script=name, **skipped))
                 continue
             if name != "sft" and not os.path.isfile(os.path.join(trained, "config.json")):
                 argv = [start if arg == trained else arg for arg in argv]  # sft failed: start raw
@@ -278,14 +279,30 @@ def decode_step(model, tokens, positions, mask, cache):
     return logits[:, -1].float()
 
 
+FULLGRAPH = True  # one graph, or an error that names the break (then --no_fullgraph)
+
+
 def compile_step(kind):
     """decode_step as run: eager, or compiled (reduce-overhead on CUDA: CUDA graphs)."""
     if kind == "eager":
         return decode_step
     if kind == "compiled-eager-backend":  # Dynamo's tracing only: cheap on a CPU
-        return torch.compile(decode_step, backend="eager", dynamic=False)
+        return torch.compile(decode_step, backend="eager", dynamic=False, fullgraph=FULLGRAPH)
     mode = "reduce-overhead" if cuda() else "default"
-    return torch.compile(decode_step, mode=mode, dynamic=False)
+    return torch.compile(decode_step, mode=mode, dynamic=False, fullgraph=FULLGRAPH)
+
+
+CACHES = {}  # one StaticCache per shape, reused: a CUDA graph replays at fixed addresses
+
+
+def static_cache(model, rows, slots):
+    key = (id(model), rows, slots)
+    if key in CACHES:
+        CACHES[key].reset()  # zeros in place: the addresses stay
+    else:
+        CACHES.clear()  # a new shape: let the old caches go
+        CACHES[key] = StaticCache(config=model.config, max_cache_len=slots)
+    return CACHES[key]
 
 
 @torch.no_grad()
@@ -301,11 +318,11 @@ def fast_generate(model, input_ids, attention_mask, max_new_tokens, *, temperatu
     with common.autocast(model):
         logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
                        cache=prefill, use_cache=True, logits_to_keep=1).logits[:, -1].float()
-    cache = StaticCache(config=model.config, max_cache_len=prompt_length + max_new_tokens)
+    rows = input_ids.shape[0] * n
+    cache = static_cache(model, rows, prompt_length + max_new_tokens)
     for layer, computed in zip(cache.layers, prefill.layers):  # the shared prefill, n copies
         layer.update(computed.keys.repeat_interleave(n, 0), computed.values.repeat_interleave(n, 0))
     del prefill
-    rows = input_ids.shape[0] * n
     logits = logits.repeat_interleave(n, 0)
     mask = attention_mask.new_zeros(rows, prompt_length + max_new_tokens)
     mask[:, :prompt_length] = attention_mask.repeat_interleave(n, 0)
@@ -324,7 +341,8 @@ def fast_generate(model, input_ids, attention_mask, max_new_tokens, *, temperatu
             break
         mask[:, decode_slot(prompt_length, t)] = 1
         position = position + 1
-        logits = step(model, tokens, position, mask, cache).clone()  # a CUDA graph reuses its output
+        # clone: a CUDA graph's replay overwrites its output
+        logits = step(model, tokens, position, mask, cache).clone()
     return out
 
 
@@ -407,14 +425,15 @@ def run_fast(tiny, deadline):
             return sum(len(c.token_ids) for c in out)
         runs = [("model.generate", hf), ("common.generate", ours)]
         for kind in kinds:
-            for n in (1, 8):
+            for n in (1, 2 if tiny else 8):
                 step = compile_step(kind)
 
                 def fast(step=step, n=n):
                     rows = batch // n
-                    out = fast_generate(model, enc["input_ids"][:rows], enc["attention_mask"][:rows],
-                                        new_tokens, temperature=temperature, n=n, eos_id=-1,
-                                        pad_id=pad, step=step)
+                    ids = enc["input_ids"][:rows]
+                    out = fast_generate(model, ids, enc["attention_mask"][:rows], new_tokens,
+                                        temperature=temperature, n=n, eos_id=-1, pad_id=pad,
+                                        step=step)
                     return out.numel()
                 runs.append((f"fast {kind}" + (f", {batch // n} prompts x n={n}" if n > 1 else ""),
                              fast))
@@ -439,7 +458,6 @@ def run_fast(tiny, deadline):
             result["parity"][kind] = check_parity(model, batch, new_tokens, compile_step(kind))
         except Exception as exception:  # noqa: BLE001
             result["errors"][f"parity {kind}"] = last_line(exception)
-    del model
     free_memory()
     return result
 
@@ -456,7 +474,7 @@ def markdown(summary):
     paper = summary.get("paper")
     if paper:
         lines += ["## Paper-scale paths (random deepseek-math-7b shape, fewer layers)", "",
-                  "| layers | script | ok | seconds | peak GiB | error |", "|---|---|---|---|---|---|"]
+                  "| layers | script | ok | seconds | peak GiB | error |", "|---" * 6 + "|"]
         for row in paper["rows"]:
             lines.append(f"| {row['layers']} | {row['script']} | {row.get('ok')} | "
                          f"{row.get('seconds', '')} | {row.get('peak_gib', '')} | "
