@@ -1,22 +1,25 @@
 """One GPU check in one call (issue 20): bench_gpu.py, the paper-scale paths, a fast sampler.
 
-    python tests/gpu_check.py                 # a CUDA GPU: about 8 minutes on an H200
+    python tests/gpu_check.py                 # a CUDA GPU; starts no new run after --budget s
     python tests/gpu_check.py --tiny          # toy sizes on a CPU: checks that the script runs
-    python tests/gpu_check.py --sections fast # one section (bench, paper, fast); --out DIR
+    python tests/gpu_check.py --sections fast # some sections (paper, bench, fast); --out DIR
 
 Writes summary.json and summary.md into --out (default $OUT, else ./gpu-check) after every
-section, so that a run stopped at its time limit still leaves what it measured.
+section, so that a run stopped at its time limit still leaves what it measured; a section or
+run left out for time is marked skipped (rerun it with --sections).
 
-1. bench: tests/bench_gpu.py's measurements on its 1.1B random model, as its main() runs them.
-2. paper: a random Llama with deepseek-math-7b's shape (SHAPE_7B), cut to a few layers, saved as
-   a local folder with common.byte_tokenizer() (the vocabulary stays 102400; ids < 259 are
-   used), then each script's main() for a few steps on the arith task, loaded by load_model as a
-   hub checkpoint is: bf16 on CUDA, --lora_rank 64, gradient checkpointing (every script turns
-   it on on CUDA), the reference. sft.py runs first; the others start from its output. A random
-   model answers nothing right, so the RL scripts are graded by `judge` (half the texts right,
-   as tests/test_resume.py does), or their pairs and advantages would be empty. Per run: wall
-   time, peak torch.cuda.max_memory_allocated, ok or the error's last line. The 7B row is a
-   straight line through the peaks at two layer counts, extrapolated to 30 layers.
+1. paper: a random Llama with deepseek-math-7b's shape (SHAPE_7B), cut to --layers (1 and 2),
+   saved as a local folder with common.byte_tokenizer() (the vocabulary stays 102400; the head
+   favours printable ASCII, see byte_head), then each script's main() for a few steps on the
+   arith task, loaded by load_model as a hub checkpoint is: bf16 on CUDA, --lora_rank 64,
+   gradient checkpointing (every script turns it on on CUDA), the reference. sft.py runs first;
+   the others start from its output. A random model answers nothing right, so the RL scripts are
+   graded by `judge` (half the texts right, as tests/test_resume.py does), or their pairs and
+   advantages would be empty. Per run: wall time, peak torch.cuda.max_memory_allocated, ok or
+   the error's last line. The 7B row is a straight line through the peaks at the two layer
+   counts, extrapolated to 30 layers: an extrapolation, not a measurement.
+2. bench: tests/bench_gpu.py's measurements on its 1.1B random model, as its main() runs them,
+   the sampler runs cut to --bench_tokens new tokens (128; its own default is 256).
 3. fast: a sampler with a static KV cache (transformers StaticCache), its one-token decode step
    compiled (torch.compile, mode "reduce-overhead": CUDA graphs), one prefill shared by the n
    samples of a prompt; tokens/s against model.generate and common.generate at batch 64 on
@@ -88,7 +91,7 @@ def last_line(error):
 
 # -- 1. bench_gpu.py, as its main() runs it ----------------------------------------------------
 
-def run_bench(tiny):
+def run_bench(tiny, new_tokens):
     """bench_gpu's sampler and training measurements; their printed lines are the results."""
     config = TINY_BENCH if tiny else bench_gpu.CONFIG
     device = "cuda" if cuda() else "cpu"
@@ -105,7 +108,7 @@ def run_bench(tiny):
             if tiny:
                 bench_gpu.bench_sampler(model, device, batch=4, new_tokens=8)
             else:
-                bench_gpu.bench_sampler(model, device)
+                bench_gpu.bench_sampler(model, device, new_tokens=new_tokens)
             del model
             free_memory()
             bench_gpu.bench_training(config, device)
@@ -391,12 +394,11 @@ def tokens_per_second(run, repeats):
     return counted * repeats / (time.perf_counter() - started)
 
 
-def run_fast(tiny, deadline):
+def run_fast(tiny, deadline, new_tokens):
     """Tokens/s of model.generate, common.generate and the fast sampler; greedy parity."""
     device = "cuda" if cuda() else "cpu"
     config = TINY_BENCH if tiny else bench_gpu.CONFIG
     batch = 4 if tiny else 64
-    new_tokens = 16 if tiny else 256
     repeats = 1 if tiny else 2
     model = bench_gpu.make_model(config, device)
     if tiny:
@@ -458,6 +460,8 @@ def run_fast(tiny, deadline):
             result["parity"][kind] = check_parity(model, batch, new_tokens, compile_step(kind))
         except Exception as exception:  # noqa: BLE001
             result["errors"][f"parity {kind}"] = last_line(exception)
+    CACHES.clear()
+    torch._dynamo.reset()  # the compiled step and its CUDA graphs go
     free_memory()
     return result
 
@@ -509,9 +513,13 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true", help="toy sizes, for a CPU")
     parser.add_argument("--out", default=os.environ.get("OUT") or "gpu-check")
-    parser.add_argument("--sections", default="paper,fast,bench",
-                        help="comma-separated, run in this order: paper, fast, bench")
-    parser.add_argument("--layers", default="2,4", help="layer counts of the paper-scale model")
+    parser.add_argument("--sections", default="paper,bench,fast",
+                        help="comma-separated, run in this order: paper, bench, fast")
+    parser.add_argument("--layers", default="1,2", help="layer counts of the paper-scale model")
+    parser.add_argument("--bench_tokens", type=int, default=128,
+                        help="new tokens per sampler run of bench_gpu.py (its default: 256)")
+    parser.add_argument("--fast_tokens", type=int, default=128,
+                        help="new tokens per run of the fast-sampler section")
     parser.add_argument("--budget", type=float, default=540.0,
                         help="seconds; later runs are skipped (and said so) once it is spent")
     args = parser.parse_args(argv)
@@ -534,12 +542,14 @@ def main(argv=None):
             with tempfile.TemporaryDirectory(prefix="gpu-check-") as root:
                 summary["paper"] = run_paper(args.tiny, layer_counts, deadline, root)
         elif section == "fast":
-            summary["fast"] = run_fast(args.tiny, deadline)
+            new_tokens = 16 if args.tiny else args.fast_tokens
+            summary["fast"] = run_fast(args.tiny, deadline, new_tokens)
         elif section == "bench":
-            summary["bench"] = run_bench(args.tiny)
+            summary["bench"] = run_bench(args.tiny, args.bench_tokens)
         else:
             raise SystemExit(f"error: unknown section {section!r}: use paper, fast or bench")
         summary.setdefault("section_seconds", {})[section] = round(time.perf_counter() - started)
+        free_memory()
         write(summary, args.out)
     print(markdown(summary), flush=True)
     return summary
