@@ -282,17 +282,29 @@ def decode_step(model, tokens, positions, mask, cache):
     return logits[:, -1].float()
 
 
-FULLGRAPH = True  # one graph, or an error that names the break (then --no_fullgraph)
-
-
-def compile_step(kind):
+def compile_step(kind, fullgraph=True):
     """decode_step as run: eager, or compiled (reduce-overhead on CUDA: CUDA graphs)."""
     if kind == "eager":
         return decode_step
     if kind == "compiled-eager-backend":  # Dynamo's tracing only: cheap on a CPU
-        return torch.compile(decode_step, backend="eager", dynamic=False, fullgraph=FULLGRAPH)
+        return torch.compile(decode_step, backend="eager", dynamic=False, fullgraph=fullgraph)
     mode = "reduce-overhead" if cuda() else "default"
-    return torch.compile(decode_step, mode=mode, dynamic=False, fullgraph=FULLGRAPH)
+    return torch.compile(decode_step, mode=mode, dynamic=False, fullgraph=fullgraph)
+
+
+def working_step(kind, probe):
+    """(step, error): the step compiled as one graph; where Dynamo (another torch) cannot trace
+    one, the error, and the step compiled with graph breaks allowed. probe(step) runs it once
+    at the measured shapes, which also compiles it there."""
+    step = compile_step(kind)
+    if kind == "eager":
+        return step, None
+    try:
+        probe(step)
+        return step, None
+    except Exception as exception:  # noqa: BLE001
+        torch._dynamo.reset()
+        return compile_step(kind, fullgraph=False), last_line(exception)
 
 
 CACHES = {}  # one StaticCache per shape, reused: a CUDA graph replays at fixed addresses
@@ -410,6 +422,15 @@ def run_fast(tiny, deadline, new_tokens):
     kinds = ["eager", "compiled-eager-backend" if tiny else "compiled"]
     result = dict(batch=batch, new_tokens=new_tokens, device=device, config=config, rates={},
                   parity={}, errors={})
+
+    def probe(step):
+        fast_generate(model, enc["input_ids"], enc["attention_mask"], new_tokens, eos_id=-1,
+                      pad_id=pad, step=step)
+    steps = {}
+    for kind in kinds:
+        steps[kind], error = working_step(kind, probe)
+        if error:
+            result["errors"][f"{kind} as one graph (now with graph breaks)"] = error
     for temperature in (0.0, 1.0):
         label = "greedy" if temperature == 0 else "T=1"
         sampling = dict(do_sample=True, temperature=1.0, top_k=0, top_p=1.0) if temperature else {}
@@ -428,9 +449,7 @@ def run_fast(tiny, deadline, new_tokens):
         runs = [("model.generate", hf), ("common.generate", ours)]
         for kind in kinds:
             for n in (1, 2 if tiny else 8):
-                step = compile_step(kind)
-
-                def fast(step=step, n=n):
+                def fast(step=steps[kind], n=n):
                     rows = batch // n
                     ids = enc["input_ids"][:rows]
                     out = fast_generate(model, ids, enc["attention_mask"][:rows], new_tokens,
@@ -457,7 +476,7 @@ def run_fast(tiny, deadline, new_tokens):
                 for name, rate in result["rates"].items() if name.startswith(label)}
     for kind in kinds:
         try:
-            result["parity"][kind] = check_parity(model, batch, new_tokens, compile_step(kind))
+            result["parity"][kind] = check_parity(model, batch, new_tokens, steps[kind])
         except Exception as exception:  # noqa: BLE001
             result["errors"][f"parity {kind}"] = last_line(exception)
     CACHES.clear()
