@@ -411,7 +411,7 @@ def run_fast(tiny, deadline, new_tokens):
     device = "cuda" if cuda() else "cpu"
     config = TINY_BENCH if tiny else bench_gpu.CONFIG
     batch = 4 if tiny else 64
-    repeats = 1 if tiny else 2
+    repeats = 1  # after a warm-up call: a GPU times steadily, and device time is short
     model = bench_gpu.make_model(config, device)
     if tiny:
         model = model.float()  # fp32 on a CPU: no near-ties from bf16 rounding
