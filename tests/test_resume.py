@@ -1,5 +1,5 @@
-"""Kill and resume: a run stopped mid-stage, then resumed, ends with the numbers and weights of a run
-never stopped; a stage or a state is reused only with the settings it was made with; saves are
+"""Kill and resume: a run stopped mid-stage, then resumed, ends with the numbers and weights of a
+run never stopped; a stage or a state is reused only with the settings it was made with; saves are
 atomic."""
 import json
 import os
@@ -75,9 +75,9 @@ def assert_same_weights(path_a, path_b):
 
 def test_reft_killed_mid_epoch_resumes_to_the_numbers_and_weights_of_an_unbroken_run(
         tmp_path, start, monkeypatch):
-    flags = ["--preset", "toy", "--model", start, "--task", "arith:n_train=8,n_test=4", "--epochs",
-             "2", "--rollout_batch_size", "4", "--micro_batch_size", "4", "--max_total_tokens", "32",
-             "--eval_max_total_tokens", "32"]
+    flags = ["--preset", "toy", "--model", start, "--task", "arith:n_train=8,n_test=4",
+             "--epochs", "2", "--rollout_batch_size", "4", "--micro_batch_size", "4",
+             "--max_total_tokens", "32", "--eval_max_total_tokens", "32"]
     whole, killed = str(tmp_path / "whole"), str(tmp_path / "killed")
     reft_ppo.main(flags + ["--out_dir", whole])
     kill_on_call(monkeypatch, reft_ppo, "rollout", 4)  # epoch 2, after its first rollout was logged
@@ -103,7 +103,8 @@ def test_a_save_killed_midway_never_leaves_a_folder_that_looks_finished(tmp_path
 
     def killed(*args, **kwargs):
         raise KeyboardInterrupt
-    monkeypatch.setattr(common.json, "dump", killed)  # while args.json (saved = finished) is written
+    # while args.json (saved = finished) is written
+    monkeypatch.setattr(common.json, "dump", killed)
     with pytest.raises(KeyboardInterrupt):
         save(model, tokenizer, out_dir, args)
     assert not os.path.exists(os.path.join(out_dir, "args.json"))
