@@ -7,6 +7,7 @@
 """
 import ast
 import os
+import shutil
 import subprocess
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -17,9 +18,10 @@ INTERNAL = ("PAPERS", "DESIGN.md", "STYLE.md", "../shared")  # notes a clone doe
 
 def tracked_files():
     """Paths relative to ROOT: `git ls-files` in a checkout, else every file under ROOT."""
-    listing = subprocess.run(["git", "-C", ROOT, "ls-files"], capture_output=True, text=True)
-    if listing.returncode == 0:
-        return [path for path in listing.stdout.splitlines() if os.path.isfile(f"{ROOT}/{path}")]
+    if shutil.which("git") and os.path.exists(f"{ROOT}/.git"):
+        command = ["git", "-C", ROOT, "ls-files"]
+        listing = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+        return [path for path in listing.splitlines() if os.path.isfile(f"{ROOT}/{path}")]
     paths = []
     for folder, subfolders, files in os.walk(ROOT):
         subfolders[:] = [name for name in subfolders if not name.startswith((".", "__"))]
