@@ -32,7 +32,8 @@ def scripted_generate(answers, script, model, tokenizer, prompts, *, n=1, **kwar
     or off by one as a hash of the prompt and of the sample's index among this call's samples of
     that prompt (a group never spans ranks)."""
     from common import Completion
-    completions, seen = [], Counter()
+    completions = []
+    seen = Counter()
     SAMPLED[script] += len(prompts)
     for prompt in (prompt for prompt in prompts for _ in range(n)):
         seen[prompt] += 1
@@ -183,8 +184,10 @@ def same_weights(path_one, path_two, lr, steps):
     follows its gradient's rounding error: well within 1e-5. Hence: at most 0.1% of the weights
     differ by more than 1e-5, and none by more than 2 * lr * steps.
     """
-    a, b = weights(path_one), weights(path_two)
-    far, total = 0, 0
+    a = weights(path_one)
+    b = weights(path_two)
+    far = 0
+    total = 0
     for key in a:
         gap = (b[key].float() - a[key].float()).abs()
         assert gap.max().item() <= 2 * lr * steps, key
@@ -220,7 +223,8 @@ def test_two_processes_match_one_on_gsi_score_and_sector(runs):
     assert step["grad_norm"] > 0 and 0 < step["reward2"] < 1 and step["kl1"] != 0
     # sector: fine-tunes at lr 1e-3, the last self-taught
     for name, atol in (("gsi/iter-1", 1e-5), ("sector", 1e-4)):
-        a, b = weights(f"{folder}/one/rank-0/{name}"), weights(f"{folder}/two/rank-0/{name}")
+        a = weights(f"{folder}/one/rank-0/{name}")
+        b = weights(f"{folder}/two/rank-0/{name}")
         for key in a:
             torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=atol)
 

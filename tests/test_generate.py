@@ -51,7 +51,9 @@ class ScriptedLlama(LlamaForCausalLM):
     """A real tiny Llama (real cache, real config) whose logits spell a fixed script per prompt."""
 
     def setup(self, tokenizer, scripts):
-        self.tokenizer, self.scripts, self.calls = tokenizer, scripts, 0
+        self.tokenizer = tokenizer
+        self.scripts = scripts
+        self.calls = 0
         return self
 
     def forward(self, input_ids=None, **kwargs):

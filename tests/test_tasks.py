@@ -188,7 +188,8 @@ def test_missing_checkpoint_folder_stops_at_once():
 
 
 def test_arith_is_seeded_disjoint_and_correct():
-    train, test = load_task("arith", "train"), load_task("arith", "test")
+    train = load_task("arith", "train")
+    test = load_task("arith", "test")
     assert train == load_task("arith", "train")
     assert not {e.question for e in train} & {e.question for e in test}
     for example in train[:300] + test:
