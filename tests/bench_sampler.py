@@ -1,4 +1,4 @@
-"""Benchmark: common.generate vs model.generate throughput, and token_logprobs vs naive peak memory.
+"""Benchmark: common.generate vs model.generate throughput; token_logprobs vs naive peak memory.
 
     python tests/bench_sampler.py            # CPU here, or the GPU when there is one
 
@@ -29,13 +29,16 @@ def make_model(vocab_size, hidden_size, layers):
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=layers,
                          num_attention_heads=hidden_size // 64, intermediate_size=4 * hidden_size,
-                         max_position_embeddings=2048, bos_token_id=256, eos_token_id=257, pad_token_id=258)
+                         max_position_embeddings=2048, bos_token_id=256, eos_token_id=257,
+                         pad_token_id=258)
     return LlamaForCausalLM(config).to(DEVICE).eval()
 
 
 def bench_throughput(batch, new_tokens):
     tokenizer = byte_tokenizer()
-    model = make_model(len(tokenizer), hidden_size=256 if DEVICE == "cpu" else 1024, layers=4 if DEVICE == "cpu" else 12)
+    on_cpu = DEVICE == "cpu"
+    hidden_size = 256 if on_cpu else 1024
+    model = make_model(len(tokenizer), hidden_size=hidden_size, layers=4 if on_cpu else 12)
     prompts = [f"question {i}: " + "(12+34)*5-6 " * (1 + i % 4) for i in range(batch)]
     enc = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left").to(DEVICE)
     for temperature in (0.0, 1.0):
@@ -48,11 +51,15 @@ def bench_throughput(batch, new_tokens):
                     torch.cuda.synchronize()
                 start = time.perf_counter()
                 if name == "ours":
-                    out = generate(model, tokenizer, prompts, max_new_tokens=new_tokens, temperature=temperature)
+                    out = generate(model, tokenizer, prompts, max_new_tokens=new_tokens,
+                                   temperature=temperature)
                     count = sum(len(c.token_ids) for c in out)
                 else:
-                    sampling = dict(do_sample=True, temperature=1.0, top_k=0, top_p=1.0) if temperature else dict(do_sample=False)
-                    out = model.generate(**enc, max_new_tokens=new_tokens, pad_token_id=tokenizer.pad_token_id, **sampling)
+                    sampling = dict(do_sample=False)
+                    if temperature:
+                        sampling = dict(do_sample=True, temperature=1.0, top_k=0, top_p=1.0)
+                    out = model.generate(**enc, max_new_tokens=new_tokens,
+                                         pad_token_id=tokenizer.pad_token_id, **sampling)
                     generated = out[:, enc["input_ids"].shape[1]:]
                     count = int((generated != tokenizer.pad_token_id).sum())
                 if DEVICE == "cuda":
@@ -60,8 +67,11 @@ def bench_throughput(batch, new_tokens):
                 best = max(best, count / (time.perf_counter() - start))
             timings[name] = best
         mode = "greedy" if temperature == 0 else "sampled"
-        print(f"throughput {mode:8s} batch {batch} x {new_tokens} new tokens: ours {timings['ours']:.0f} tok/s, "
-              f"model.generate {timings['model.generate']:.0f} tok/s, ratio {timings['ours'] / timings['model.generate']:.2f}")
+        ours = timings["ours"]
+        baseline = timings["model.generate"]
+        print(f"throughput {mode:8s} batch {batch} x {new_tokens} new tokens: "
+              f"ours {ours:.0f} tok/s, model.generate {baseline:.0f} tok/s, "
+              f"ratio {ours / baseline:.2f}")
 
 
 def logprob_pass(variant, backward, queue):
@@ -77,7 +87,8 @@ def logprob_pass(variant, backward, queue):
     if variant == "ours":
         values = token_logprobs(model, ids, mask)
     else:
-        values = model(ids, attention_mask=mask).logits.float().log_softmax(-1)[0, :-1].gather(-1, ids[0, 1:, None])
+        logprobs = model(ids, attention_mask=mask).logits.float().log_softmax(-1)
+        values = logprobs[0, :-1].gather(-1, ids[0, 1:, None])
     if backward:
         values.sum().backward()
     if DEVICE == "cuda":
@@ -88,8 +99,8 @@ def logprob_pass(variant, backward, queue):
 
 
 def bench_memory():
-    # glibc otherwise raises its mmap threshold after the first large free and keeps freed buffers in
-    # the heap, so the resident set would count dead tensors; a fixed threshold returns them at once.
+    # glibc otherwise raises its mmap threshold after the first large free and keeps freed buffers
+    # in the heap, so the resident set would count dead tensors; a fixed threshold returns them.
     os.environ["MALLOC_MMAP_THRESHOLD_"] = str(2 ** 20)
     context = multiprocessing.get_context("spawn")
     for backward in (False, True):
@@ -101,8 +112,11 @@ def bench_memory():
             peaks[variant] = queue.get()
             process.join()
         label = "forward+backward" if backward else "forward"
-        print(f"token_logprobs peak memory ({label}, 1024 tokens, vocab 32000, {DEVICE}): ours {peaks['ours'] / 2**20:.0f} MiB, "
-              f"naive {peaks['naive'] / 2**20:.0f} MiB, ratio {peaks['ours'] / peaks['naive']:.2f}")
+        ours = peaks["ours"]
+        naive = peaks["naive"]
+        print(f"token_logprobs peak memory ({label}, 1024 tokens, vocab 32000, {DEVICE}): "
+              f"ours {ours / 2**20:.0f} MiB, naive {naive / 2**20:.0f} MiB, "
+              f"ratio {ours / naive:.2f}")
 
 
 if __name__ == "__main__":

@@ -17,7 +17,8 @@ EXTRACT = [
     ("So $\\boxed{\\frac{\\sqrt{3}}{2}}$ and done", "\\frac{\\sqrt{3}}{2}"),  # nested braces
     ("first \\boxed{1} then \\boxed{2}", "2"),
     ("\\fbox{7}", "7"),
-    ("Final Answer: The final answer is $\\frac{3}{4}$. I hope it is correct.", "\\frac{3}{4}"),  # SCoRe/Minerva
+    # SCoRe's and Minerva's answer line
+    ("Final Answer: The final answer is $\\frac{3}{4}$. I hope it is correct.", "\\frac{3}{4}"),
     ("Final Answer: The final answer is 12. I hope it is correct.", "12"),
     ("Final Answer: The final answer is $\\boxed{5}$. I hope it is correct.", "5"),
     ("The answer is \\boxed{x^{2}+1}", "x^{2}+1"),
@@ -82,7 +83,8 @@ def test_is_equiv(pred, gold, expected):
 
 def test_extract_then_grade_round_trip():
     assert is_equiv(extract_answer("The answer is 1,000."), "1000")
-    assert is_equiv(extract_answer("Final Answer: The final answer is $\\dfrac{1}{2}$. I hope it is correct."), "0.5")
+    minerva = "Final Answer: The final answer is $\\dfrac{1}{2}$. I hope it is correct."
+    assert is_equiv(extract_answer(minerva), "0.5")
     assert not is_equiv(extract_answer("no answer"), "0")
 
 

@@ -18,6 +18,7 @@ import score
 import sector
 import self_explore
 import sft
+from test_style import INTERNAL
 
 TASK = "arith:n_train=8,n_test=4"
 SCRIPTS = {"sft": sft, "reft": reft_ppo, "explore": self_explore, "gsi": guided_self_improve,
@@ -156,7 +157,8 @@ def test_help_opens_with_what_the_script_does_and_says_what_presets_need(capsys)
         description = text.split("\n\n")[1]
         assert not description.startswith("Args(")
         assert description.split()[0] in ("Fine-tune", "Train", "Run")
-        assert "common." not in text and "docstring" not in text and "PAPERS" not in text
+        assert "common." not in text and "docstring" not in text
+        assert not any(name in text for name in INTERNAL)  # notes a clone does not have
         assert "examples:\n  python" in text
     with pytest.raises(SystemExit):
         reft_ppo.main(["--help"])

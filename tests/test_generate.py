@@ -13,7 +13,8 @@ def test_greedy_matches_hf_generate_on_left_padded_batch(fixture, request):
     model, tokenizer = request.getfixturevalue(fixture)
     ours = generate(model, tokenizer, PROMPTS, max_new_tokens=24)
     enc = tokenizer(PROMPTS, return_tensors="pt", padding=True, padding_side="left")
-    reference = model.generate(**enc, do_sample=False, max_new_tokens=24, pad_token_id=tokenizer.pad_token_id)
+    reference = model.generate(**enc, do_sample=False, max_new_tokens=24,
+                               pad_token_id=tokenizer.pad_token_id)
     for row, completion in enumerate(ours):
         expected = reference[row, enc["input_ids"].shape[1]:].tolist()
         assert len(completion.token_ids) > 0
@@ -32,7 +33,8 @@ def test_sampling_is_reproducible_under_a_seed(llama):
     draws = []
     for seed in (0, 0, 1):
         torch.manual_seed(seed)
-        draws.append([c.token_ids for c in generate(model, tokenizer, PROMPTS, max_new_tokens=16, temperature=1.0, n=2)])
+        completions = generate(model, tokenizer, PROMPTS, max_new_tokens=16, temperature=1.0, n=2)
+        draws.append([c.token_ids for c in completions])
     assert draws[0] == draws[1]
     assert draws[0] != draws[2]
 
@@ -49,13 +51,16 @@ class ScriptedLlama(LlamaForCausalLM):
     """A real tiny Llama (real cache, real config) whose logits spell a fixed script per prompt."""
 
     def setup(self, tokenizer, scripts):
-        self.tokenizer, self.scripts, self.calls = tokenizer, scripts, 0
+        self.tokenizer = tokenizer
+        self.scripts = scripts
+        self.calls = 0
         return self
 
     def forward(self, input_ids=None, **kwargs):
         out = super().forward(input_ids=input_ids, **kwargs)
         if input_ids.shape[1] > 1:  # prefill: remember which script each row follows
-            self.rows = [self.scripts[self.tokenizer.decode(row, skip_special_tokens=True)] for row in input_ids]
+            prompts = [self.tokenizer.decode(row, skip_special_tokens=True) for row in input_ids]
+            self.rows = [self.scripts[prompt] for prompt in prompts]
             self.step = 0
         logits = torch.full((input_ids.shape[0], 1, self.config.vocab_size), -1e4)
         for row, script in enumerate(self.rows):
@@ -100,8 +105,8 @@ def test_stop_strings_cut_the_text_and_finish_the_row(scripted):
 
 def test_stop_window_inside_a_multibyte_character_does_not_crash(scripted):
     model, tokenizer, _ = scripted
-    # the 6-token window [0xA9, y, y, y, y, y] starts inside "\u00e9": byte fallback renders all six as \ufffd,
-    # which the whole text does not contain
+    # the 6-token window [0xA9, y, y, y, y, y] starts inside "\u00e9": byte fallback renders all six
+    # as \ufffd, which the whole text does not contain
     out, = generate(model, tokenizer, ["dddd"], max_new_tokens=20, stop=["\ufffd\ufffd"])
     assert out.finished and out.text == "\u00e9yyyyy"
 

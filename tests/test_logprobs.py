@@ -47,7 +47,8 @@ def test_temperature_divides_the_logits(llama):
     model, tokenizer = llama
     ids = tokenizer(TEXTS[0])["input_ids"]
     with torch.no_grad():
-        got = token_logprobs(model, torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long), temperature=0.7)
+        mask = torch.ones(1, len(ids), dtype=torch.long)
+        got = token_logprobs(model, torch.tensor([ids]), mask, temperature=0.7)
         torch.testing.assert_close(got[0], unpadded_logprobs(model, ids, temperature=0.7))
         assert not torch.allclose(got[0], unpadded_logprobs(model, ids))
 
@@ -57,7 +58,8 @@ def test_small_chunks_give_the_same_values_and_gradients(llama):
     input_ids, attention_mask = padded(tokenizer, "right")
     vocab = model.get_output_embeddings().out_features
     grads = []
-    for chunk_elements in (2 ** 30, 3 * vocab):  # one chunk vs chunks of 3 tokens, recomputed in backward
+    # one chunk vs chunks of 3 tokens, recomputed in backward
+    for chunk_elements in (2 ** 30, 3 * vocab):
         model.zero_grad()
         values = token_logprobs(model, input_ids, attention_mask, chunk_elements=chunk_elements)
         values.sum().backward()
@@ -74,8 +76,10 @@ def test_response_mask_lines_up_with_response_tokens_even_when_pad_is_eos(llama)
     prompts = [tokenizer("12+3=")["input_ids"], tokenizer("7*8=")["input_ids"]]
     responses = [tokenizer("15", add_special_tokens=False)["input_ids"] + [eos],
                  tokenizer("56 and more", add_special_tokens=False)["input_ids"] + [eos]]
-    input_ids, attention_mask, response_mask = batch_sequences(prompts, responses, pad_id=eos, device="cpu")
-    assert response_mask.sum(1).tolist() == [len(r) for r in responses]  # EOS counted although pad == EOS
+    input_ids, attention_mask, response_mask = batch_sequences(prompts, responses, pad_id=eos,
+                                                               device="cpu")
+    # EOS counted although pad == EOS
+    assert response_mask.sum(1).tolist() == [len(r) for r in responses]
     with torch.no_grad():
         masked = (token_logprobs(model, input_ids, attention_mask) * response_mask).sum(1)
         for row, (prompt, response) in enumerate(zip(prompts, responses)):

@@ -1,8 +1,9 @@
-"""One GPU: the minimal LoRA of common.py (a no-op at start, only adapters train, merge on save, adapters off = base)
-and gradient checkpointing that also works in eval()."""
+"""One GPU: the minimal LoRA of common.py (a no-op at start, only adapters train, merge on save,
+adapters off = base) and gradient checkpointing that also works in eval()."""
 import torch
 
-from common import LoRALinear, adapters_disabled, gradient_checkpointing, load_model, save, token_logprobs
+from common import (LoRALinear, adapters_disabled, gradient_checkpointing, load_model, save,
+                    token_logprobs)
 
 
 def logits(model, ids):
@@ -14,18 +15,20 @@ def test_lora_starts_as_the_base_trains_only_adapters_and_merges_on_save(tmp_pat
     base, tokenizer = load_model("tiny", seed=0)
     model, _ = load_model("tiny", seed=0, lora_rank=4)
     ids = torch.tensor([tokenizer("(1+2)*3\n1+2=3")["input_ids"]])
-    torch.testing.assert_close(logits(model, ids), logits(base, ids))  # B = 0: the adapter adds nothing
+    # B = 0: the adapter adds nothing
+    torch.testing.assert_close(logits(model, ids), logits(base, ids))
     assert any(isinstance(m, LoRALinear) for m in model.modules())
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
     assert trainable and all("lora_" in name for name in trainable)
 
-    frozen_before = {name: p.detach().clone() for name, p in model.named_parameters() if not p.requires_grad}
+    frozen = [(name, p) for name, p in model.named_parameters() if not p.requires_grad]
+    frozen_before = {name: p.detach().clone() for name, p in frozen}
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     for _ in range(3):
         model(ids, labels=ids).loss.backward()
         optimizer.step()
         optimizer.zero_grad()
-    assert all(torch.equal(p, frozen_before[name]) for name, p in model.named_parameters() if not p.requires_grad)
+    assert all(torch.equal(p, frozen_before[name]) for name, p in frozen)
     adapted = logits(model, ids)
     assert not torch.allclose(adapted, logits(base, ids))
 
@@ -40,14 +43,22 @@ def test_lora_starts_as_the_base_trains_only_adapters_and_merges_on_save(tmp_pat
 
 
 def test_gradient_checkpointing_recomputes_in_eval_mode_with_the_same_gradients():
-    """RL and DPO train in eval() (dropout off): checkpointing must work there, reach frozen-embedding LoRA
-    adapters (PAPERS 7.9), and leave no-grad forwards (sampling) alone."""
+    """RL and DPO train in eval() (dropout off): checkpointing must work there, reach the LoRA
+    adapters behind frozen embeddings (reentrant checkpointing leaves them no gradient: transformers
+    PR #43203), and leave no-grad forwards (sampling) alone."""
     model, tokenizer = load_model("tiny", seed=0, lora_rank=4)
     model.eval()
-    torch.nn.init.normal_(model.model.layers[0].mlp.up_proj.lora_B)  # B = 0 would give A no gradient
+    mlp = model.model.layers[0].mlp
+    torch.nn.init.normal_(mlp.up_proj.lora_B)  # B = 0 would give A no gradient
     ids = torch.tensor([tokenizer("(1+2)*3\n1+2=3")["input_ids"]] * 2)
-    calls, grads, mlp = [], [], model.model.layers[0].mlp
-    mlp.forward = lambda *args, forward=mlp.forward: calls.append(torch.is_grad_enabled()) or forward(*args)
+    calls = []  # whether grad was on, at each call of the first layer's MLP
+    grads = []
+    forward = mlp.forward
+
+    def counted_forward(*args):
+        calls.append(torch.is_grad_enabled())
+        return forward(*args)
+    mlp.forward = counted_forward
     for enable in (False, True):
         gradient_checkpointing(model, enable)
         calls.clear()

@@ -1,5 +1,5 @@
-"""Kill and resume: a run stopped mid-stage, then resumed, ends with the numbers and weights of a run
-never stopped; a stage or a state is reused only with the settings it was made with; saves are
+"""Kill and resume: a run stopped mid-stage, then resumed, ends with the numbers and weights of a
+run never stopped; a stage or a state is reused only with the settings it was made with; saves are
 atomic."""
 import json
 import os
@@ -43,7 +43,8 @@ def judge(text, answer):
 
 def kill_on_call(monkeypatch, module, name, call):
     """module.name raises KeyboardInterrupt on its call-th call: a kill at that point of the run."""
-    original, calls = getattr(module, name), Counter()
+    original = getattr(module, name)
+    calls = Counter()
 
     def dying(*args, **kwargs):
         calls[name] += 1
@@ -54,7 +55,8 @@ def kill_on_call(monkeypatch, module, name, call):
 
 
 def count_calls(monkeypatch, module, name):
-    original, calls = getattr(module, name), Counter()
+    original = getattr(module, name)
+    calls = Counter()
 
     def counted(*args, **kwargs):
         calls[name] += 1
@@ -75,10 +77,11 @@ def assert_same_weights(path_a, path_b):
 
 def test_reft_killed_mid_epoch_resumes_to_the_numbers_and_weights_of_an_unbroken_run(
         tmp_path, start, monkeypatch):
-    flags = ["--preset", "toy", "--model", start, "--task", "arith:n_train=8,n_test=4", "--epochs",
-             "2", "--rollout_batch_size", "4", "--micro_batch_size", "4", "--max_total_tokens", "32",
-             "--eval_max_total_tokens", "32"]
-    whole, killed = str(tmp_path / "whole"), str(tmp_path / "killed")
+    flags = ["--preset", "toy", "--model", start, "--task", "arith:n_train=8,n_test=4",
+             "--epochs", "2", "--rollout_batch_size", "4", "--micro_batch_size", "4",
+             "--max_total_tokens", "32", "--eval_max_total_tokens", "32"]
+    whole = str(tmp_path / "whole")
+    killed = str(tmp_path / "killed")
     reft_ppo.main(flags + ["--out_dir", whole])
     kill_on_call(monkeypatch, reft_ppo, "rollout", 4)  # epoch 2, after its first rollout was logged
     with pytest.raises(KeyboardInterrupt):
@@ -99,11 +102,13 @@ def test_reft_killed_mid_epoch_resumes_to_the_numbers_and_weights_of_an_unbroken
 
 def test_a_save_killed_midway_never_leaves_a_folder_that_looks_finished(tmp_path, monkeypatch):
     model, tokenizer = load_model("tiny", seed=0)
-    out_dir, args = str(tmp_path / "checkpoint"), sft.Args()
+    out_dir = str(tmp_path / "checkpoint")
+    args = sft.Args()
 
     def killed(*args, **kwargs):
         raise KeyboardInterrupt
-    monkeypatch.setattr(common.json, "dump", killed)  # while args.json (saved = finished) is written
+    # while args.json (saved = finished) is written
+    monkeypatch.setattr(common.json, "dump", killed)
     with pytest.raises(KeyboardInterrupt):
         save(model, tokenizer, out_dir, args)
     assert not os.path.exists(os.path.join(out_dir, "args.json"))
@@ -131,7 +136,8 @@ def test_score_killed_in_stage_two_resumes_to_the_numbers_and_weights_of_an_unbr
              "--batch_size", "4", "--samples_per_prompt", "2", "--max_new_tokens", "6",
              "--format_warmup_epochs", "0", "--stage1_steps", "3", "--stage2_steps", "2",
              "--save_every", "2"]
-    whole, killed = str(tmp_path / "whole"), str(tmp_path / "killed")
+    whole = str(tmp_path / "whole")
+    killed = str(tmp_path / "killed")
     score.main(flags + ["--out_dir", whole])
     kill_on_call(monkeypatch, score, "rollout", 4)  # stage 2, step 1; last state: stage 1, step 2
     with pytest.raises(KeyboardInterrupt):
@@ -153,7 +159,8 @@ def test_gsi_killed_in_an_iteration_resumes_to_the_numbers_and_weights_of_an_unb
     flags = ["--preset", "toy", "--sft_model", start, "--task", "arith:n_train=8,n_test=4",
              "--iterations", "2", "--n_samples", "2", "--min_correct", "1", "--guided_rounds", "1",
              "--train_sequences", "8", "--max_new_tokens", "8"]
-    whole, killed = str(tmp_path / "whole"), str(tmp_path / "killed")
+    whole = str(tmp_path / "whole")
+    killed = str(tmp_path / "killed")
     monkeypatch.setattr(gsi, "is_correct", judge)
     gsi.main(flags + ["--out_dir", whole])
     with monkeypatch.context() as patch:
@@ -176,7 +183,8 @@ def test_sector_killed_in_a_length_resumes_to_the_numbers_and_weights_of_an_unbr
     flags = ["--preset", "toy", "--n0", "1", "--max_digits", "3", "--max_rounds", "1",
              "--sup_problems", "32", "--n_problems", "16", "--replay", "16", "--n_eval", "8",
              "--self_rounds", "1", "--collapse_below", "0"]
-    whole, killed = str(tmp_path / "whole"), str(tmp_path / "killed")
+    whole = str(tmp_path / "whole")
+    killed = str(tmp_path / "killed")
     sector.main(flags + ["--out_dir", whole])
     with monkeypatch.context() as patch:
         kill_on_call(patch, sector, "format_table", 3)  # length 3 logged, not yet saved
@@ -209,7 +217,8 @@ def self_explore_run(tmp_path, start, monkeypatch):
 
 def test_self_explore_killed_in_dpo_resumes_to_the_files_and_weights_of_an_unbroken_run(
         self_explore_run, tmp_path, start, monkeypatch):
-    whole, killed = self_explore_run, str(tmp_path / "killed")
+    whole = self_explore_run
+    killed = str(tmp_path / "killed")
     flags = SELF_EXPLORE + ["--sft_model", start, "--out_dir", killed]
     with monkeypatch.context() as patch:
         kill_on_call(patch, self_explore, "dpo_loss", 2)  # DPO's second step

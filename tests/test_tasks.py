@@ -1,4 +1,5 @@
-"""load_task() on written files and the built-in arith task; parse_args(); clear errors on bad input."""
+"""load_task() on written files and the built-in arith task; parse_args(); clear errors on bad
+input."""
 import json
 import time
 from dataclasses import dataclass
@@ -15,21 +16,25 @@ from common import Example, load_model, load_task, parse_args
 
 
 def write_lines(path, records):
-    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records))
+    lines = [r if isinstance(r, str) else json.dumps(r) for r in records]
+    path.write_text("".join(line + "\n" for line in lines))
     return str(path)
 
 
 def test_gsm8k_schema(tmp_path):
-    path = write_lines(tmp_path / "gsm.jsonl", [
-        {"question": "Natalia sold 48 clips...", "answer": "She sold 48/2 = <<48/2=24>>24 in May.\n#### 1,072"}])
-    assert load_task(path) == [Example("Natalia sold 48 clips...", "She sold 48/2 = <<48/2=24>>24 in May.", "1072")]
+    rationale = "She sold 48/2 = <<48/2=24>>24 in May."
+    record = {"question": "Natalia sold 48 clips...", "answer": rationale + "\n#### 1,072"}
+    path = write_lines(tmp_path / "gsm.jsonl", [record])
+    assert load_task(path) == [Example("Natalia sold 48 clips...", rationale, "1072")]
 
 
 def test_question_rationale_answer_schema_and_json_list(tmp_path):
-    records = [{"question": "1+1", "rationale": "1+1=2", "answer": 2}, {"question": "2*3", "rationale": "2*3=6", "answer": "6"}]
+    records = [{"question": "1+1", "rationale": "1+1=2", "answer": 2},
+               {"question": "2*3", "rationale": "2*3=6", "answer": "6"}]
     from_jsonl = load_task(write_lines(tmp_path / "data.jsonl", records))
     (tmp_path / "data.json").write_text(json.dumps(records))
-    assert from_jsonl == load_task(str(tmp_path / "data.json")) == [Example("1+1", "1+1=2", "2"), Example("2*3", "2*3=6", "6")]
+    expected = [Example("1+1", "1+1=2", "2"), Example("2*3", "2*3=6", "6")]
+    assert from_jsonl == load_task(str(tmp_path / "data.json")) == expected
 
 
 def test_folder_with_split_files(tmp_path):
@@ -41,10 +46,12 @@ def test_folder_with_split_files(tmp_path):
 def test_math_and_svamp_records(tmp_path):
     path = write_lines(tmp_path / "mixed.jsonl", [
         {"problem": "Half of 1?", "solution": "It is $\\boxed{\\frac{1}{2}}$."},
-        {"Body": "Tom has 3 apples.", "Question": "How many after 2 more?", "Equation": "( 3.0 + 2.0 )", "Answer": 5.0}])
+        {"Body": "Tom has 3 apples.", "Question": "How many after 2 more?",
+         "Equation": "( 3.0 + 2.0 )", "Answer": 5.0}])
     math_example, svamp_example = load_task(path)
     assert math_example.answer == "\\frac{1}{2}"
-    assert svamp_example == Example("Tom has 3 apples. How many after 2 more?", "( 3.0 + 2.0 ) = 5", "5")
+    question = "Tom has 3 apples. How many after 2 more?"
+    assert svamp_example == Example(question, "( 3.0 + 2.0 ) = 5", "5")
 
 
 @pytest.mark.parametrize("bad_line, problem", [
@@ -53,7 +60,8 @@ def test_math_and_svamp_records(tmp_path):
     ("{not json", "not valid JSON"),
 ])
 def test_malformed_line_names_the_file_and_line(tmp_path, bad_line, problem):
-    path = write_lines(tmp_path / "bad.jsonl", [{"question": "q", "rationale": "r", "answer": "1"}, bad_line])
+    good_line = {"question": "q", "rationale": "r", "answer": "1"}
+    path = write_lines(tmp_path / "bad.jsonl", [good_line, bad_line])
     with pytest.raises(SystemExit, match=rf"bad\.jsonl line 2: {problem}"):
         load_task(path)
 
@@ -142,10 +150,11 @@ def test_a_bad_task_file_stops_with_one_sentence(tmp_path, name, content, messag
     path = tmp_path / (name or "missing.jsonl")
     if content is not None:
         path.write_bytes(content)
-    load = common.load_task
-    if name and name.startswith("mbpp"):  # score.py reads MBPP/HumanEval records
-        def load(path):
-            return score.code_rows(path, "train")
+
+    def load(filename):
+        if name and name.startswith("mbpp"):  # score.py reads MBPP/HumanEval records
+            return score.code_rows(filename, "train")
+        return common.load_task(filename)
     with pytest.raises(SystemExit, match=message) as stop:
         load(str(path))
     assert "\n" not in str(stop.value)
@@ -172,17 +181,20 @@ def test_unknown_model_name_stops_before_any_download():
 
 def test_missing_checkpoint_folder_stops_at_once():
     start = time.time()
-    with pytest.raises(SystemExit, match="no checkpoint folder 'runs/no-such-run'.*sft.py --preset toy"):
+    message = "no checkpoint folder 'runs/no-such-run'.*sft.py --preset toy"
+    with pytest.raises(SystemExit, match=message):
         load_model("runs/no-such-run")
     assert time.time() - start < 5  # no hub retries
 
 
 def test_arith_is_seeded_disjoint_and_correct():
-    train, test = load_task("arith", "train"), load_task("arith", "test")
+    train = load_task("arith", "train")
+    test = load_task("arith", "test")
     assert train == load_task("arith", "train")
     assert not {e.question for e in train} & {e.question for e in test}
     for example in train[:300] + test:
-        assert eval(example.question) == int(example.answer)  # the expression means what the rationale computes
+        # the expression means what the rationale computes
+        assert eval(example.question) == int(example.answer)
         lines = example.rationale.split("\n")
         for line in lines:
             lhs, rhs = line.split("=")
@@ -199,8 +211,10 @@ def test_arith_knobs():
 def test_tiny_knobs_resize_the_model_and_bad_ones_stop_clearly():
     plain, _ = load_model("tiny")
     wide, _ = load_model("tiny:hidden_size=64,num_attention_heads=2,num_hidden_layers=2")
-    assert (wide.config.hidden_size, wide.config.num_attention_heads, wide.config.num_hidden_layers) == (64, 2, 2)
-    assert wide.config.intermediate_size == plain.config.intermediate_size  # knobs left out keep tiny's values
+    config = wide.config
+    assert (config.hidden_size, config.num_attention_heads, config.num_hidden_layers) == (64, 2, 2)
+    # knobs left out keep tiny's values
+    assert config.intermediate_size == plain.config.intermediate_size
     assert sum(p.numel() for p in wide.parameters()) < sum(p.numel() for p in plain.parameters())
     for bad in ("tiny:hidden=64", "tiny:hidden_size=wide"):
         with pytest.raises(SystemExit, match="bad knobs in .*hidden_size"):
@@ -221,8 +235,8 @@ def test_parse_args_preset_then_explicit_flags():
     presets = {"toy": dict(lr=3e-3, name="toy", flag=True)}
     assert parse_args(Args, presets, []) == Args()
     assert parse_args(Args, presets, ["--preset", "toy"]) == Args(lr=3e-3, name="toy", flag=True)
-    assert parse_args(Args, presets, ["--preset", "toy", "--lr", "0.5", "--no-flag", "--steps", "7"]) == \
-        Args(lr=0.5, name="toy", steps=7, flag=False)
+    argv = ["--preset", "toy", "--lr", "0.5", "--no-flag", "--steps", "7"]
+    assert parse_args(Args, presets, argv) == Args(lr=0.5, name="toy", steps=7, flag=False)
 
 
 def test_parse_args_help_uses_field_docstrings(capsys):
