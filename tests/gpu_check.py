@@ -149,7 +149,7 @@ def byte_head(weight, hidden_size):
     weight[text_ids] = rows
 
 
-def judge(text, answer):
+def judge(text, answer, kind="number"):
     """A grade for models that solve nothing: right for half the texts (as test_resume.py)."""
     return zlib.crc32(text.encode()) % 2 == 0
 

@@ -36,7 +36,7 @@ def start(tmp_path_factory):
     return path
 
 
-def judge(text, answer):
+def judge(text, answer, kind="number"):
     """A grade for toy models that solve nothing: right for half the texts, as they come."""
     return zlib.crc32(text.encode()) % 2 == 0
 
