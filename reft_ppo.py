@@ -27,8 +27,8 @@ Implements ReFT §3.1 (warm-up, then PPO), in the steps that the `# ALGO` tags n
   8. whiten the advantages over the rollout batch of every rank (official src/utils.py)
   9. clipped PPO: policy loss + 5 * value loss, ppo_epochs optimiser steps per rollout
   10. greedy test accuracy after every epoch
-and ReFT §4's inference extensions: Voting@k (official sampling.py) and Rerank@k (official
-train_reward_model.py).
+and the inference extensions of ReFT §4.4, "Majority Voting and Reranking Benefit ReFT" (Table 4):
+Voting@k (official sampling.py) and Rerank@k (§4.3's reward model, official train_reward_model.py).
 
 Deviations (README, Deviations from the papers):
 - The value head starts at zero (the OpenAI convention); the official code uses the library's
@@ -410,7 +410,7 @@ def accuracy(preds, examples):
     return sum(terminal_reward(p, ex.answer, 0.0) for p, ex in zip(preds, examples)) / len(examples)
 
 
-# ALGO §4. the inference extensions: Voting@k, and Rerank@k (a classifier picks among k samples)
+# ALGO §4.4. the inference extensions: Voting@k, and Rerank@k (a classifier picks among k samples)
 def vote_accuracy(model, tokenizer, examples, args):
     """Voting@k: majority over the non-empty answers of k samples at T = 1."""
     k = args.vote_k
