@@ -1,7 +1,7 @@
 """SCoRe: Training Language Models to Self-Correct via Reinforcement Learning.
 
 Aviral Kumar, Vincent Zhuang, Rishabh Agarwal, Yi Su, John D. Co-Reyes, Avi Singh, et al. (Google
-DeepMind), ICLR 2025, arXiv 2409.12917. No official code.
+DeepMind), ICLR 2025, arXiv 2409.12917v2 (v1 numbers its tables differently). No official code.
 
 The model answers (attempt 1), reads its answer and an instruction saying there might be an error,
 and answers again (attempt 2); the reward is 1 for a right final answer (math) or a program that
