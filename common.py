@@ -358,38 +358,127 @@ def wrap_model(model, fsdp=None):
     return model
 
 Example = namedtuple("Example", ["question", "rationale", "answer"])
-ARITH = dict(steps=3, digits=1, n_train=4000, n_test=200, seed=0)  # toy SFT lands at 30-60%
+# steps per question: min_steps to steps (0: all `steps`); n_val questions held out of train for
+# choosing settings, which validate=1 puts in place of the test split (--test_task arith:validate=1)
+ARITH = dict(steps=3, min_steps=0, digits=1, n_train=4000, n_val=0, n_test=200, seed=0,
+             validate=0)
 HUB_TASKS = {"gsm8k": ("openai/gsm8k", "main"), "svamp": ("ChilleD/SVAMP", None),
              "math": ("DigitalLearningGmbH/MATH-lighteval", "default")}
 
-def arith_task(split, steps, digits, n_train, n_test, seed):
-    """Seeded multi-step integer expressions, one calculation per rationale line; no test question
-    is in train."""
+def arith_chain(rng, n_steps, low, high):
+    """One seeded calculation: (expression, [(a, op, b, result) per step], value)."""
+    value = rng.randint(low, high)
+    steps = []
+    for _ in range(n_steps):
+        op = rng.choice("+-*")
+        operand = rng.randint(2, 9) if op == "*" else rng.randint(low, high)
+        if op == "-" and operand > value:
+            op = "+"  # every intermediate result stays non-negative
+        result = {"+": value + operand, "-": value - operand, "*": value * operand}[op]
+        steps.append((value, op, operand, result))
+        value = result
+    return expression(steps[0][0], steps), steps, value
+
+def expression(start, steps):
+    """`start`, then each step's operator and operand, bracketed where * follows + or -."""
+    expr = str(start)
+    last_op = None
+    for _, op, operand, _ in steps:
+        if op == "*" and last_op in ("+", "-"):
+            expr = f"({expr}){op}{operand}"
+        else:
+            expr = f"{expr}{op}{operand}"
+        last_op = op
+    return expr
+
+def arith_task(split, steps, min_steps, digits, n_train, n_val, n_test, seed, validate):
+    """Seeded multi-step integer expressions, one calculation per rationale line; the test,
+    validation (val) and train questions are disjoint."""
     rng = random.Random(seed)
     low = 10 ** (digits - 1)
     high = 10 ** digits - 1
     unique = {}
-    while len(unique) < n_test + n_train:
-        value = rng.randint(low, high)
-        expr = str(value)
-        lines = []
-        last_op = None
-        for _ in range(steps):
-            op = rng.choice("+-*")
-            operand = rng.randint(2, 9) if op == "*" else rng.randint(low, high)
-            if op == "-" and operand > value:
-                op = "+"  # every intermediate result stays non-negative
-            result = {"+": value + operand, "-": value - operand, "*": value * operand}[op]
-            lines.append(f"{value}{op}{operand}={result}")
-            if op == "*" and last_op in ("+", "-"):
-                expr = f"({expr}){op}{operand}"
-            else:
-                expr = f"{expr}{op}{operand}"
-            value = result
-            last_op = op
-        unique.setdefault(expr, Example(expr, "\n".join(lines), str(value)))
+    while len(unique) < n_test + n_val + n_train:
+        n_steps = rng.randint(min_steps, steps) if 0 < min_steps < steps else steps
+        expr, chain, value = arith_chain(rng, n_steps, low, high)
+        rationale = "\n".join(written(*step) for step in chain)
+        unique.setdefault(expr, Example(expr, rationale, str(value)))
     examples = list(unique.values())
-    return {"test": examples[:n_test], "train": examples[n_test:]}[split]
+    splits = {"test": examples[:n_test], "val": examples[n_test:n_test + n_val],
+              "train": examples[n_test + n_val:]}
+    return splits["val" if validate and split == "test" else split]
+
+CORPUS = dict(n_docs=90000, seed=1)
+WORDS = {"+": "add", "-": "subtract", "*": "multiply by"}
+
+def written(a, op, b, result):
+    return f"{a}{op}{b}={result}"
+
+def worked_another_way(rng, a, op, b, result):
+    """One step as lines: by place value where it can be (47*6=40*6+7*6), or with the terms
+    swapped (4+6 as 6+4), or as it is."""
+    tens = a - a % 10
+    ones = a % 10
+    if op == "*" and a >= 20 and ones:
+        return [f"{a}*{b}={tens}*{b}+{ones}*{b}", written(tens, "*", b, tens * b),
+                written(ones, "*", b, ones * b), written(tens * b, "+", ones * b, result)]
+    if op == "+" and rng.random() < 0.5:
+        return [written(b, "+", a, result)]
+    return [written(a, op, b, result)]
+
+def corpus_document(rng):
+    """(question or None, text): a list of facts, or a calculation of 1-10 steps written one of
+    four ways, 5% of those with a slip that is noticed and corrected."""
+    if rng.random() < 0.25:  # facts over the operand sizes the calculations meet
+        facts = []
+        for _ in range(rng.randint(4, 10)):
+            a = rng.randint(1, 10 ** rng.randint(1, 3) - 1)
+            op = rng.choice("+-*")
+            b = rng.randint(2, 9) if op == "*" else rng.randint(1, rng.choice([9, 9, 9, 99]))
+            op = "+" if op == "-" and b > a else op
+            facts.append(written(a, op, b, {"+": a + b, "-": a - b, "*": a * b}[op]))
+        return None, "\n".join(facts)
+    n_steps = rng.randint(7, 10) if rng.random() < 0.15 else rng.randint(1, 6)  # a hard tail
+    expr, steps, value = arith_chain(rng, n_steps, 1, 99 if rng.random() < 0.1 else 9)
+    style = rng.random()
+    if style < 0.35:  # one calculation per line, as the task writes it
+        lines = [written(*step) for step in steps]
+        if rng.random() < 0.05:
+            i = rng.randrange(len(steps))
+            a, op, b, result = steps[i]
+            wrong = result + rng.choice([-10, -1, 1, 10]) if result >= 10 else result + 1
+            lines.insert(i, f"{a}{op}{b}={wrong}\nwait, {a}{op}{b} is {result}, not {wrong}")
+    elif style < 0.55:  # each result put back into the expression: (6+4)*9=10*9=90
+        rest = [expression(step[3], steps[i + 1:]) for i, step in enumerate(steps)]
+        lines = [f"{expr}={'='.join(rest)}"]
+    elif style < 0.75:  # about half the steps worked another way
+        lines = []
+        for step in steps:
+            lines += worked_another_way(rng, *step) if rng.random() < 0.5 else [written(*step)]
+    else:
+        lines = [f"start with {steps[0][0]}"]
+        lines += [f"{WORDS[op]} {b} to get {result}" for _, op, b, result in steps]
+    opening = rng.choice(["Compute {}.", "Work out {}.", "What is {}?", "{}", "Evaluate {}."])
+    ending = rng.choice(["So {}={}.", "{}={}", "The result is {1}.", "Answer: {1}"])
+    return expr, "\n".join([opening.format(expr), *lines, ending.format(expr, value)])
+
+def toy_corpus(split, n_docs, seed, size=350):
+    """The toy base model's pretraining text (README, The toy world) in pieces of whole documents
+    and at most `size` characters: n_docs seeded documents, less those about a validation or test
+    question of arith and the few longer than `size`."""
+    if split != "train":
+        return []
+    held_out = {e.question for part in ("val", "test") for e in arith_task(part, **ARITH)}
+    rng = random.Random(seed)
+    pieces = [""]
+    for _ in range(n_docs):
+        question, document = corpus_document(rng)
+        if question in held_out or len(document) > size:
+            continue
+        if len(pieces[-1]) + len(document) + 2 > size:
+            pieces.append("")
+        pieces[-1] = f"{pieces[-1]}\n\n{document}" if pieces[-1] else document
+    return [Example("", piece, "") for piece in pieces]
 
 def read_records(path):
     """(where, record) for each record of a .jsonl file or a .json file (a list, or one record)."""
@@ -467,6 +556,9 @@ def load_task(name_or_path, split="train", test_task=""):
     if name_or_path.partition(":")[0] == "arith":
         knobs = with_knobs(name_or_path, ARITH, "arith:steps=3,digits=1")
         examples = arith_task(split, **knobs)
+    elif name_or_path.partition(":")[0] == "toy_corpus":
+        knobs = with_knobs(name_or_path, CORPUS, "toy_corpus:n_docs=1000")
+        examples = toy_corpus(split, **knobs)
     elif name_or_path in HUB_TASKS:
         examples = [_record_to_example(row, f"{name_or_path} row {i}")
                     for i, row in enumerate(hub_rows(name_or_path, split))]

@@ -53,6 +53,8 @@ TEMPLATES = {
     # program-of-thought: the rationale is the program
     "reft_program": ("Question:\n{question}\nAnswer reasoning:\n", "{rationale}"),
     "self_explore": ("{question}\n", "{rationale}\nThe answer is {answer}"),
+    # pretraining text (the toy base): no prompt, the whole piece is the target
+    "plain": ("", "{rationale}"),
     "gsi": ("Below is a math problem, please give a step-by-step answer.\n\n"
             "### Question:\n{question}\n\n### Your step-by-step answer:\n",
             "{rationale}\nThe answer is {answer}"),
@@ -78,7 +80,7 @@ class Args:
     test_task: str = ""
     """test split: a .jsonl/.json file, a folder or a task ('' = --task's; a lone file has none)"""
     template: str = "reft"
-    """prompt/target format: reft, self_explore or gsi (each paper's own)"""
+    """prompt/target format: reft, self_explore or gsi (each paper's own); plain for a corpus"""
     loss_on_prompt: bool = False
     """also train on the prompt tokens (Self-Explore's loss_on_prefix)"""
     out_dir: str = "runs/sft"
@@ -111,6 +113,8 @@ class Args:
     """prompts per generation batch when evaluating"""
     n_eval: int = 0
     """evaluate on the first n test questions (0: all)"""
+    test_each_epoch: bool = True
+    """greedy test accuracy after each epoch (off for a corpus, which has no test split)"""
     save_every_epoch: bool = False
     """also save out_dir/epoch-K after every epoch (the papers keep every epoch)"""
     gradient_checkpointing: bool = True
@@ -133,6 +137,12 @@ PRESETS = {
     "toy": dict(model="tiny", task="arith", template="self_explore", out_dir="runs/toy-sft",
                 epochs=6, lr=3e-3, batch_size=32, micro_batch_size=32, max_length=256,
                 eval_max_new_tokens=96, eval_batch_size=200, seed=0),
+    # The toy base model (README, The toy world): tiny pretrained with next-token loss on the
+    # built-in arithmetic corpus, one pass, about 12 minutes on 2 CPU cores.
+    "toy_base": dict(model="tiny", task="toy_corpus", template="plain", loss_on_prompt=True,
+                     test_each_epoch=False, out_dir="runs/toy-base", epochs=1, lr=3e-3,
+                     warmup_ratio=0.02, batch_size=32, micro_batch_size=32, max_length=360,
+                     seed=0),
 }
 TOY = PRESETS["toy"]
 
@@ -240,7 +250,7 @@ def main(argv=None):
     random.seed(args.seed)
     # PLUMBING data and model first, so a bad name stops before any work
     train_set = load_task(args.task, "train")
-    test_set = load_task(args.task, "test", args.test_task)
+    test_set = load_task(args.task, "test", args.test_task) if args.test_each_epoch else []
     test_set = test_set[:args.n_eval] if args.n_eval else test_set
     model, tokenizer = load_model(args.model, lora_rank=args.lora_rank, seed=args.seed)
     test_prompts = [prompt_for(args.template, ex.question) for ex in test_set]
@@ -263,7 +273,7 @@ def main(argv=None):
     # ALGO 1. the gold rationales rendered with the paper's template, then SFT
     pairs = [(prompt_for(args.template, ex.question), target_for(args.template, ex))
              for ex in train_set]
-    train(model, tokenizer, pairs, args, eval_fn, logger)
+    train(model, tokenizer, pairs, args, eval_fn if args.test_each_epoch else None, logger)
     save(model, tokenizer, args.out_dir, args)
     print(f"saved {args.out_dir}")
 

@@ -7,7 +7,7 @@ import os
 import torch
 
 import sft
-from common import load_model, load_task
+from common import load_model, load_task, token_logprobs
 
 
 def test_prompt_is_unlabelled_and_eos_is_a_target(tokenizer):
@@ -88,6 +88,20 @@ def test_toy_cli_end_to_end(tmp_path):
     samples = [json.loads(line) for line in open(os.path.join(out_dir, "samples.jsonl"))]
     assert {"question", "gold", "completion", "pred", "correct"} <= set(samples[0])
     assert load_model(out_dir)[0].config.model_type == "llama"
+
+
+def test_toy_base_preset_pretrains_on_the_corpus_without_a_test_split(tmp_path):
+    out_dir = str(tmp_path / "base")
+    sft.main(["--preset", "toy_base", "--task", "toy_corpus:n_docs=400", "--out_dir", out_dir])
+    metrics = [json.loads(line) for line in open(os.path.join(out_dir, "metrics.jsonl"))]
+    assert [set(m) for m in metrics] == [{"step", "epoch", "loss", "lr"}]  # nothing evaluated
+    model, tokenizer = load_model(out_dir)
+    # one pass over the corpus already makes its facts likelier than under the untrained model
+    fresh, _ = load_model("tiny")
+    ids = tokenizer(["3+4=7\n6*2=12\n9-5=4"], return_tensors="pt")
+    trained = token_logprobs(model, ids["input_ids"], ids["attention_mask"]).sum()
+    untrained = token_logprobs(fresh, ids["input_ids"], ids["attention_mask"]).sum()
+    assert trained > untrained + 10
 
 
 def test_bad_template_stops_before_training(tmp_path):

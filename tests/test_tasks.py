@@ -1,6 +1,7 @@
 """load_task() on written files and the built-in arith task; parse_args(); clear errors on bad
 input."""
 import json
+import re
 import time
 from dataclasses import dataclass
 
@@ -206,6 +207,44 @@ def test_arith_knobs():
     examples = load_task("arith:steps=2,digits=3,n_train=50", "train")
     assert len(examples) == 50
     assert all(len(e.rationale.split("\n")) == 2 for e in examples)
+
+
+def test_arith_validation_split_and_step_spread():
+    name = "arith:min_steps=2,steps=5,n_train=300,n_val=50,n_test=60"
+    splits = {split: load_task(name, split) for split in ("train", "val", "test")}
+    assert [len(splits[s]) for s in ("train", "val", "test")] == [300, 50, 60]
+    questions = [{e.question for e in examples} for examples in splits.values()]
+    assert len(set.union(*questions)) == 410  # disjoint
+    assert load_task(name + ",validate=1", "test") == splits["val"]  # choosing on validation
+    assert load_task(name + ",validate=1", "train") == splits["train"]
+    n_steps = {len(e.rationale.split("\n")) for e in splits["train"]}
+    assert n_steps == {2, 3, 4, 5}
+    # the default task is the one the README's numbers were measured on
+    assert load_task("arith", "test")[0] == Example("7-1+9-7", "7-1=6\n6+9=15\n15-7=8", "8")
+
+
+def test_toy_corpus_is_seeded_right_and_holds_no_held_out_question(monkeypatch):
+    # two-step held-out questions: dense enough that an unfiltered corpus meets a dozen of them
+    monkeypatch.setattr(common, "ARITH", common.ARITH | dict(steps=2, n_train=100, n_val=100))
+    pieces = [e.rationale for e in load_task("toy_corpus:n_docs=3000", "train")]
+    assert pieces == [e.rationale for e in load_task("toy_corpus:n_docs=3000", "train")]
+    assert max(map(len, pieces)) <= 350
+    text = "\n".join(pieces)
+    held_out = [e.question for split in ("val", "test")
+                for e in common.arith_task(split, **common.ARITH)]
+    lines = text.split("\n")
+    # what a line is about: the expression that opens it (Compute 6+4., 6+4=10, So 6+4=10.)
+    heads = {re.sub(r"^(Compute|Work out|What is|Evaluate|So) ", "", line).rstrip(".?")
+             for line in lines}
+    assert not {head.split("=")[0] for head in heads} & set(held_out)
+    # every written calculation is right, apart from the slips a document corrects at once
+    for i, line in enumerate(lines):
+        if "=" in line and not lines[min(i + 1, len(lines) - 1)].startswith("wait,"):
+            sides = line.removeprefix("So ").rstrip(".").split("=")
+            assert len({eval(side) for side in sides}) == 1, line
+    assert "wait," in text and "multiply by" in text and "=10*" in text  # the other ways
+    with pytest.raises(SystemExit, match="no examples in split 'test'"):
+        load_task("toy_corpus:n_docs=10", "test")
 
 
 def test_tiny_knobs_resize_the_model_and_bad_ones_stop_clearly():
