@@ -9,6 +9,7 @@ import functools
 import inspect
 import json
 import math
+import operator
 import os
 import platform
 import random
@@ -362,6 +363,7 @@ Example = namedtuple("Example", ["question", "rationale", "answer"])
 # choosing settings, which validate=1 puts in place of the test split (--test_task arith:validate=1)
 ARITH = dict(steps=3, min_steps=0, digits=1, n_train=4000, n_val=0, n_test=200, seed=0,
              validate=0)
+APPLY = {"+": operator.add, "-": operator.sub, "*": operator.mul}
 HUB_TASKS = {"gsm8k": ("openai/gsm8k", "main"), "svamp": ("ChilleD/SVAMP", None),
              "math": ("DigitalLearningGmbH/MATH-lighteval", "default")}
 
@@ -374,7 +376,7 @@ def arith_chain(rng, n_steps, low, high):
         operand = rng.randint(2, 9) if op == "*" else rng.randint(low, high)
         if op == "-" and operand > value:
             op = "+"  # every intermediate result stays non-negative
-        result = {"+": value + operand, "-": value - operand, "*": value * operand}[op]
+        result = APPLY[op](value, operand)
         steps.append((value, op, operand, result))
         value = result
     return expression(steps[0][0], steps), steps, value
@@ -408,7 +410,7 @@ def arith_task(split, steps, min_steps, digits, n_train, n_val, n_test, seed, va
               "train": examples[n_test + n_val:]}
     return splits["val" if validate and split == "test" else split]
 
-CORPUS = dict(n_docs=90000, seed=1)
+CORPUS = dict(n_docs=100000, seed=1)
 WORDS = {"+": "add", "-": "subtract", "*": "multiply by"}
 
 def written(a, op, b, result):
@@ -427,18 +429,18 @@ def worked_another_way(rng, a, op, b, result):
     return [written(a, op, b, result)]
 
 def corpus_document(rng):
-    """(question or None, text): a list of facts, or a calculation of 1-10 steps written one of
+    """(question or None, text): a list of facts, or a calculation of 1-9 steps written one of
     four ways, 5% of those with a slip that is noticed and corrected."""
     if rng.random() < 0.25:  # facts over the operand sizes the calculations meet
         facts = []
         for _ in range(rng.randint(4, 10)):
             a = rng.randint(1, 10 ** rng.randint(1, 3) - 1)
             op = rng.choice("+-*")
-            b = rng.randint(2, 9) if op == "*" else rng.randint(1, rng.choice([9, 9, 9, 99]))
+            b = rng.randint(2, 9) if op == "*" else rng.randint(1, 9)
             op = "+" if op == "-" and b > a else op
-            facts.append(written(a, op, b, {"+": a + b, "-": a - b, "*": a * b}[op]))
+            facts.append(written(a, op, b, APPLY[op](a, b)))
         return None, "\n".join(facts)
-    n_steps = rng.randint(7, 10) if rng.random() < 0.15 else rng.randint(1, 6)  # a hard tail
+    n_steps = rng.randint(7, 9) if rng.random() < 0.1 else rng.randint(1, 6)  # a hard tail
     expr, steps, value = arith_chain(rng, n_steps, 1, 99 if rng.random() < 0.1 else 9)
     style = rng.random()
     if style < 0.35:  # one calculation per line, as the task writes it
@@ -462,7 +464,7 @@ def corpus_document(rng):
     ending = rng.choice(["So {}={}.", "{}={}", "The result is {1}.", "Answer: {1}"])
     return expr, "\n".join([opening.format(expr), *lines, ending.format(expr, value)])
 
-def toy_corpus(split, n_docs, seed, size=350):
+def toy_corpus(split, n_docs, seed, size=250):
     """The toy base model's pretraining text (README, The toy world) in pieces of whole documents
     and at most `size` characters: n_docs seeded documents, less those about a validation or test
     question of arith and the few longer than `size`."""

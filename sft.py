@@ -141,7 +141,7 @@ PRESETS = {
     # built-in arithmetic corpus, one pass, about 12 minutes on 2 CPU cores.
     "toy_base": dict(model="tiny", task="toy_corpus", template="plain", loss_on_prompt=True,
                      test_each_epoch=False, out_dir="runs/toy-base", epochs=1, lr=3e-3,
-                     warmup_ratio=0.02, batch_size=32, micro_batch_size=32, max_length=360,
+                     warmup_ratio=0.02, batch_size=32, micro_batch_size=32, max_length=256,
                      seed=0),
 }
 TOY = PRESETS["toy"]

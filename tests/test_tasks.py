@@ -228,7 +228,7 @@ def test_toy_corpus_is_seeded_right_and_holds_no_held_out_question(monkeypatch):
     monkeypatch.setattr(common, "ARITH", common.ARITH | dict(steps=2, n_train=100, n_val=100))
     pieces = [e.rationale for e in load_task("toy_corpus:n_docs=3000", "train")]
     assert pieces == [e.rationale for e in load_task("toy_corpus:n_docs=3000", "train")]
-    assert max(map(len, pieces)) <= 350
+    assert max(map(len, pieces)) <= 250
     text = "\n".join(pieces)
     held_out = [e.question for split in ("val", "test")
                 for e in common.arith_task(split, **common.ARITH)]
