@@ -138,7 +138,7 @@ PRESETS = {
                 epochs=6, lr=3e-3, batch_size=32, micro_batch_size=32, max_length=256,
                 eval_max_new_tokens=96, eval_batch_size=200, seed=0),
     # The toy base model (README, The toy world): tiny pretrained with next-token loss on the
-    # built-in arithmetic corpus, one pass, about 12 minutes on 2 CPU cores.
+    # built-in arithmetic corpus, one pass, about 13 minutes on 2 CPU cores.
     "toy_base": dict(model="tiny", task="toy_corpus", template="plain", loss_on_prompt=True,
                      test_each_epoch=False, out_dir="runs/toy-base", epochs=1, lr=3e-3,
                      warmup_ratio=0.02, batch_size=32, micro_batch_size=32, max_length=256,
