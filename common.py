@@ -367,13 +367,14 @@ APPLY = {"+": operator.add, "-": operator.sub, "*": operator.mul}
 HUB_TASKS = {"gsm8k": ("openai/gsm8k", "main"), "svamp": ("ChilleD/SVAMP", None),
              "math": ("DigitalLearningGmbH/MATH-lighteval", "default")}
 
-def arith_chain(rng, n_steps, low, high):
-    """One seeded calculation: (expression, [(a, op, b, result) per step], value)."""
+def arith_chain(rng, n_steps, low, high, operand_high=None):
+    """One seeded calculation: (expression, [(a, op, b, result) per step], value); + and -
+    operands up to operand_high (default: high), * operands 2-9."""
     value = rng.randint(low, high)
     steps = []
     for _ in range(n_steps):
         op = rng.choice("+-*")
-        operand = rng.randint(2, 9) if op == "*" else rng.randint(low, high)
+        operand = rng.randint(2, 9) if op == "*" else rng.randint(low, operand_high or high)
         if op == "-" and operand > value:
             op = "+"  # every intermediate result stays non-negative
         result = APPLY[op](value, operand)
@@ -433,12 +434,9 @@ def corpus_document(rng):
     four ways, 5% of those with a slip that is noticed and corrected."""
     if rng.random() < 0.25:  # facts over the operand sizes the calculations meet
         facts = []
-        for _ in range(rng.randint(4, 10)):
-            a = rng.randint(1, 10 ** rng.randint(1, 3) - 1)
-            op = rng.choice("+-*")
-            b = rng.randint(2, 9) if op == "*" else rng.randint(1, 9)
-            op = "+" if op == "-" and b > a else op
-            facts.append(written(a, op, b, APPLY[op](a, b)))
+        for _ in range(rng.randint(4, 10)):  # a number up to 9, 99 or 999 and a one-digit one
+            _, steps, _ = arith_chain(rng, 1, 1, 10 ** rng.randint(1, 3) - 1, operand_high=9)
+            facts.append(written(*steps[0]))
         return None, "\n".join(facts)
     n_steps = rng.randint(7, 9) if rng.random() < 0.1 else rng.randint(1, 6)  # a hard tail
     expr, steps, value = arith_chain(rng, n_steps, 1, 99 if rng.random() < 0.1 else 9)
