@@ -58,7 +58,8 @@ def _preset_help(presets):
     sentences = []
     for name, values in sorted(presets.items()):
         starts = [v for k, v in values.items() if k != "out_dir" and str(v).startswith("runs/")]
-        needs = "".join(f"needs {p} (`python sft.py --preset toy` writes it) and " for p in starts)
+        needs = "".join(f"needs {p} (`{TOY_RUNS.get(p, 'python sft.py --preset toy')}` writes it) "
+                        "and " for p in starts)
         settings = ", ".join(f"{key}={value}" for key, value in values.items())
         sentences.append(f"{name}: {needs}sets {settings}.")
     return " ".join(sentences).replace("%", "%%")
@@ -189,8 +190,8 @@ def load_model(name_or_path, *, dtype=None, device=None, lora_rank=0, seed=0, fr
         tokenizer = byte_tokenizer()
         model = AutoModelForCausalLM.from_config(config).to(storage)
     elif is_path and not os.path.isdir(source):  # fail now, not at the hub
-        fail(f"no checkpoint folder {name_or_path!r} (`python sft.py --preset toy` writes "
-             f"runs/toy-sft)")
+        folder = source.rstrip("/") if source.rstrip("/") in TOY_RUNS else "runs/toy-sft"
+        fail(f"no checkpoint folder {name_or_path!r} (`{TOY_RUNS[folder]}` writes {folder})")
     elif os.path.isdir(source) or re.fullmatch(r"[\w.-]+/[\w.-]+", source):
         if not os.path.isdir(source):
             _check_hub(source, name_or_path)
@@ -412,6 +413,10 @@ def arith_task(split, steps, min_steps, digits, n_train, n_val, n_test, seed, va
     return splits["val" if validate and split == "test" else split]
 
 CORPUS = dict(n_docs=100000, seed=1)
+# The toy world (README, The toy world): its task, and the command that writes each of its starts
+TOY_TASK = "arith:min_steps=2,steps=8,n_val=300,n_test=600"
+TOY_RUNS = {"runs/toy-base": "python sft.py --preset toy_base",
+            "runs/toy-sft": "python sft.py --preset toy"}
 WORDS = {"+": "add", "-": "subtract", "*": "multiply by"}
 
 def written(a, op, b, result):

@@ -48,8 +48,9 @@ import torch
 from tqdm.auto import tqdm
 
 import sft
-from common import (RANK, WORLD, Logger, check_context, check_trained, evaluate, fail, generate,
-                    load_model, load_state, load_task, parse_args, save, save_state, start_run)
+from common import (RANK, TOY_TASK, WORLD, Logger, check_context, check_trained, evaluate, fail,
+                    generate, load_model, load_state, load_task, parse_args, save, save_state,
+                    start_run)
 from common import check_args as check_common
 
 STRATEGIES = ("none", "brute_force", "answer_driven", "rationale_driven", "state_reset",
@@ -129,15 +130,14 @@ class Args:
 
 
 PRESETS = {
-    # The toy world: iteration 0 is runs/toy-sft (`python sft.py --preset toy`, this recipe);
-    # later iterations train a fresh tiny (seed 0, the base model) from scratch. For a CPU: 3
-    # iterations, the first 1500 training questions, 24000 sequences per iteration (toy SFT's 6
-    # epochs x 4000, 750 steps): one epoch over D_t learns nothing from scratch, and from scratch
-    # accuracy follows the number of steps, which would favour strategies with a larger D_t.
-    "toy": dict(model="tiny", sft_model="runs/toy-sft", task="arith", template="self_explore",
-                out_dir="runs/toy-gsi", iterations=3, n_questions=1500, train_sequences=24000,
-                lr=3e-3, batch_size=32, micro_batch_size=32, max_length=256, max_new_tokens=96,
-                sample_batch_size=1024, seed=0),
+    # The toy world: iteration 0 is runs/toy-sft (`python sft.py --preset toy`); later iterations
+    # fine-tune the toy base with toy SFT's lr. For a CPU: 3 iterations, the first 1500 training
+    # questions, 24000 sequences per iteration (6 passes over the 4000 gold rationales, 750
+    # steps): equal training for every strategy, whatever the size of D_t.
+    "toy": dict(model="runs/toy-base", sft_model="runs/toy-sft", task=TOY_TASK,
+                template="self_explore", out_dir="runs/toy-gsi", iterations=3, n_questions=1500,
+                train_sequences=24000, lr=1e-3, batch_size=32, micro_batch_size=32,
+                max_length=256, max_new_tokens=160, sample_batch_size=1024, seed=0),
 }
 TOY = PRESETS["toy"]
 

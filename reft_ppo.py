@@ -42,6 +42,7 @@ Deviations (README, Deviations from the papers):
 - Rerank's classifier learns from the samples of --rerank_sampler, by default --model (the official
   data: the epoch-2 warm-up model's samples; name that checkpoint to match).
 - Prompts carry the tokenizer's BOS, as in sft.py.
+- `--detach_critic` (off = the paper) keeps the value loss out of the shared trunk.
 """
 import copy
 import math
@@ -51,17 +52,18 @@ import secrets
 import time
 from collections import Counter
 from dataclasses import dataclass
+from itertools import takewhile
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 import sft
-from common import (RANK, Logger, adapters_disabled, all_reduce, autocast, batch_sequences,
-                    check_args, check_context, check_trained, fail, gather, generate,
-                    gradient_checkpointing, linear_schedule, load_model, load_state, load_task,
-                    mean_over_ranks, parse_args, run_sandboxed, save, save_state, shard,
-                    start_run, token_logprobs, wrap_model)
+from common import (RANK, TOY_TASK, Logger, adapters_disabled, all_reduce, autocast,
+                    batch_sequences, check_args, check_context, check_trained, fail, gather,
+                    generate, gradient_checkpointing, linear_schedule, load_model, load_state,
+                    load_task, mean_over_ranks, parse_args, run_sandboxed, save, save_state,
+                    shard, start_run, token_logprobs, wrap_model)
 
 
 @dataclass
@@ -118,6 +120,8 @@ class Args:
     """value clip, in reward units"""
     vf_coef: float = 5.0  # paper
     """weight of the value loss"""
+    detach_critic: bool = False  # our flag; the paper: the value loss also trains the trunk
+    """the value loss trains the value head only, not the shared trunk (README, ReFT)"""
     partial_reward: float = 0.1  # paper
     """reward for a wrong but extractable numeric answer"""
     truncation_penalty: float = 0.0  # our flag; 0 = the paper
@@ -163,9 +167,9 @@ class Args:
 PRESETS = {
     "program": dict(cot="program", kl_coef=0.01),  # paper: P-CoT
     # The toy world: start from runs/toy-sft (already warmed up) and share its template.
-    "toy": dict(model="runs/toy-sft", task="arith", template="self_explore",
+    "toy": dict(model="runs/toy-sft", task=TOY_TASK, template="self_explore",
                 out_dir="runs/toy-reft", warmup_epochs=0, epochs=5, micro_batch_size=32, lr=2e-5,
-                max_total_tokens=128, eval_max_total_tokens=128, vote_max_total_tokens=128,
+                max_total_tokens=200, eval_max_total_tokens=200, vote_max_total_tokens=200,
                 vote_k=16, rerank_samples=8, rerank_lr=1e-4, rerank_batch_size=32, seed=0),
 }
 TOY = PRESETS["toy"]
@@ -207,11 +211,7 @@ def program_answer(prompt, completion, timeout, no_sandbox=False):
     """P-CoT: `def solution` up to the first blank line, run in a sandbox; float(solution()) or
     None (official train_rl_reft.py and src/python_engine.py: same preamble and cut)."""
     program = prompt[prompt.rindex("def solution():"):] + completion
-    lines = []
-    for line in program.split("\n"):
-        if not line.strip():
-            break
-        lines.append(line)
+    lines = takewhile(str.strip, program.split("\n"))  # up to the first blank line
     preamble = "import math\ntry:\n    import sympy\nexcept ImportError:\n    pass\n"
     code = preamble + "\n".join(lines).replace("sys.exit", "print")
     token = secrets.token_hex(16)  # fresh: only the harness's own last line carries it
@@ -288,12 +288,13 @@ def ppo_losses(logprobs, values, batch, clip_range, value_clip_range):
 
 
 # PLUMBING the policy's forward, prompts, and the answer of one completion
-def policy_forward(model, value_head, input_ids, attention_mask, temperature):
+def policy_forward(model, value_head, input_ids, attention_mask, temperature, detach=False):
     """Log-probs of each token at the sampling temperature, and V(s_t) from the state before it
-    (shared trunk). Both [B, L-1]."""
+    (shared trunk; detach: no value gradient reaches it). Both [B, L-1]."""
     logprobs, hidden = token_logprobs(model, input_ids, attention_mask, temperature=temperature,
                                       return_hidden=True)
     states = hidden[:, :-1].to(value_head.weight.dtype)  # bf16 under FSDP2
+    states = states.detach() if detach else states
     values = value_head(states).float().squeeze(-1)
     return logprobs, values
 
@@ -373,7 +374,8 @@ def ppo_update(model, value_head, optimizer, batch, args):
         for rows in torch.randperm(n_rows).split(args.micro_batch_size):
             micro = {k: v[rows] for k, v in batch.items()}
             logprobs, values = policy_forward(model, value_head, micro["input_ids"],
-                                              micro["attention_mask"], args.temperature)
+                                              micro["attention_mask"], args.temperature,
+                                              args.detach_critic)
             losses = ppo_losses(logprobs, values, micro, args.clip_range, args.value_clip_range)
             policy_loss, value_loss, clip_fraction = losses
             loss = (policy_loss.sum() + args.vf_coef * value_loss.sum()) / n_rows
@@ -398,10 +400,8 @@ def sample_answers(model, tokenizer, examples, args, n=1, temperature=0.0):
     completions = generate(model, tokenizer, prompts, max_new_tokens=max_total,
                            max_total_tokens=max_total, n=n, temperature=temperature, top_p=1.0,
                            batch_size=256)
-    rows = []
-    for i, completion in enumerate(completions):
-        prompt = prompts[i // n]
-        rows.append((prompt, completion, answer_of(args, prompt, completion.text)))
+    rows = [(prompts[i // n], completion, answer_of(args, prompts[i // n], completion.text))
+            for i, completion in enumerate(completions)]
     return tuple(zip(*gather(rows, len(examples), n)))
 
 

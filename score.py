@@ -43,11 +43,11 @@ from dataclasses import dataclass
 import torch
 
 import sft
-from common import (RANK, Logger, adapters_disabled, batch_sequences, check_args, check_context,
-                    check_trained, extract_answer, fail, gather, generate, gradient_checkpointing,
-                    hub_rows, is_equiv, load_model, load_state, load_task, mean_over_ranks,
-                    not_a_test_set, parse_args, read_records, run_sandboxed, save, save_state,
-                    shard, start_run, token_logprobs, wrap_model)
+from common import (RANK, TOY_TASK, Logger, adapters_disabled, batch_sequences, check_args,
+                    check_context, check_trained, extract_answer, fail, gather, generate,
+                    gradient_checkpointing, hub_rows, is_equiv, load_model, load_state, load_task,
+                    mean_over_ranks, not_a_test_set, parse_args, read_records, run_sandboxed, save,
+                    save_state, shard, start_run, token_logprobs, wrap_model)
 
 # paper: Appendix C, the zero-shot MATH prompt and the correction instructions p1
 MATH_PROMPT = ("You are a math expert. When you respond, respond only with the Solution of the "
@@ -154,11 +154,11 @@ PRESETS = {
                  batch_size=128, beta2=0.25, max_new_tokens=512, out_dir="runs/score-code"),
     # The toy world, from runs/toy-sft (template self_explore). A short instruction keeps turn 2
     # within what the tiny model can read; format_warmup explains the warm-up and --restate.
-    "toy": dict(model="runs/toy-sft", task="arith", template="self_explore",
+    "toy": dict(model="runs/toy-sft", task=TOY_TASK, template="self_explore",
                 out_dir="runs/toy-score",
                 instruction="There might be an error. Correct it, if any.", restate=True,
                 format_warmup_epochs=2, stage1_steps=80, stage2_steps=80, batch_size=32,
-                micro_batch_size=32, lr=5e-5, max_new_tokens=64, sample_batch_size=256),
+                micro_batch_size=32, lr=5e-5, max_new_tokens=160, sample_batch_size=256),
 }
 TOY = PRESETS["toy"]
 

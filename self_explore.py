@@ -43,10 +43,10 @@ import torch
 from tqdm.auto import tqdm
 
 import sft
-from common import (RANK, Logger, all_reduce, batch_sequences, check_args, check_context,
-                    check_trained, evaluate, fail, gather, generate, gradient_checkpointing,
-                    linear_schedule, load_model, load_task, parse_args, save, shard,
-                    token_logprobs, wrap_model)
+from common import (RANK, TOY_TASK, Logger, all_reduce, batch_sequences, check_args,
+                    check_context, check_trained, evaluate, fail, gather, generate,
+                    gradient_checkpointing, linear_schedule, load_model, load_task, parse_args,
+                    save, shard, token_logprobs, wrap_model)
 
 
 @dataclass
@@ -120,12 +120,13 @@ class Args:
     """seed for initialisation, sampling and shuffling (each stage reseeds)"""
 
 
-# The toy world, from runs/toy-sft (`python sft.py --preset toy`): RFT with toy SFT's recipe (8
-# epochs ~ its 750 steps); DPO lr 1e-5, the smallest whose margins clearly grow (README, Results).
-TOY = dict(model="tiny", sft_model="runs/toy-sft", task="arith", out_dir="runs/toy-self-explore",
-           n_val=200, loss_on_prompt=False, rft_epochs=8, sft_schedule_epochs=0, sft_lr=3e-3,
-           sft_warmup_ratio=0.1, sft_batch_size=32, micro_batch_size=32, n_samples=8,
-           max_new_tokens=96, sample_batch_size=512, dpo_lr=1e-5, seed=0)
+# The toy world: samples from runs/toy-sft (`python sft.py --preset toy`), RFT from the toy base
+# with toy SFT's recipe (12 epochs at 1e-3); DPO lr 1e-5 (README, Results).
+TOY = dict(model="runs/toy-base", sft_model="runs/toy-sft", task=TOY_TASK,
+           out_dir="runs/toy-self-explore", loss_on_prompt=False, rft_epochs=12,
+           sft_schedule_epochs=0, sft_lr=1e-3, sft_warmup_ratio=0.1, sft_batch_size=32,
+           micro_batch_size=32, n_samples=8, max_new_tokens=160, sample_batch_size=512,
+           dpo_lr=1e-5, seed=0)
 
 
 # ALGO 3, 7 and 10. the official GSM8K grader (eval/gsm8k/utils_ans.py) grades every stage

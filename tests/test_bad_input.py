@@ -25,10 +25,11 @@ SCRIPTS = {"sft": sft, "reft": reft_ppo, "explore": self_explore, "gsi": guided_
            "score": score, "sector": sector}
 # a valid toy command per script; {ckpt} is a saved model, {out} a folder that does not exist yet
 BASE = {
-    "sft": ["--preset", "toy", "--task", TASK],
+    "sft": ["--preset", "toy", "--task", TASK, "--model", "tiny"],
     "reft": ["--preset", "toy", "--task", TASK, "--model", "{ckpt}"],
-    "explore": ["--preset", "toy", "--task", TASK, "--n_val", "2", "--sft_model", "{ckpt}"],
-    "gsi": ["--preset", "toy", "--task", TASK, "--sft_model", "{ckpt}"],
+    "explore": ["--preset", "toy", "--task", TASK, "--n_val", "2", "--sft_model", "{ckpt}",
+                "--model", "tiny"],
+    "gsi": ["--preset", "toy", "--task", TASK, "--sft_model", "{ckpt}", "--model", "tiny"],
     "score": ["--preset", "toy", "--task", TASK, "--model", "{ckpt}"],
     "sector": ["--preset", "toy"],
 }
@@ -164,3 +165,7 @@ def test_help_opens_with_what_the_script_does_and_says_what_presets_need(capsys)
         reft_ppo.main(["--help"])
     preset_help = " ".join(capsys.readouterr().out.split())
     assert "toy: needs runs/toy-sft (`python sft.py --preset toy` writes it)" in preset_help
+    with pytest.raises(SystemExit):
+        guided_self_improve.main(["--help"])
+    preset_help = " ".join(capsys.readouterr().out.split())
+    assert "needs runs/toy-base (`python sft.py --preset toy_base` writes it)" in preset_help

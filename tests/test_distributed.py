@@ -82,8 +82,9 @@ def driver(folder):
     os.makedirs(f"{folder}/rank-{os.environ.get('RANK', 0)}")
     os.chdir(f"{folder}/rank-{os.environ.get('RANK', 0)}")
     start = os.path.abspath("../rank-0/sft")  # what rank 0 saved: every rank loads it
-    sft.main(["--preset", "toy", "--task", TASK, "--epochs", "2", "--batch_size", "4",
-              "--micro_batch_size", "1", "--out_dir", "sft", "--eval_max_new_tokens", "4"])
+    sft.main(["--preset", "toy", "--model", "tiny", "--task", TASK, "--epochs", "2",
+              "--batch_size", "4", "--micro_batch_size", "1", "--out_dir", "sft",
+              "--eval_max_new_tokens", "4"])
     examples = common.load_task(TASK, "train") + common.load_task(TASK, "test")
     answers = {ex.question: ex.answer for ex in examples}
     for script in (reft_ppo, guided_self_improve, score):
@@ -91,10 +92,11 @@ def driver(folder):
     reft_ppo.main(["--preset", "toy", "--model", start, "--task", TASK, "--out_dir", "reft",
                    "--epochs", "1", "--rollout_batch_size", "8", "--micro_batch_size", "2",
                    "--lr", "1e-3"])
-    guided_self_improve.main(["--preset", "toy", "--sft_model", "", "--task", TASK,
-                              "--out_dir", "gsi", "--iterations", "2", "--strategy", "brute_force",
-                              "--brute_force_rounds", "2", "--n_samples", "3", "--min_correct", "2",
-                              "--n_questions", "7", "--train_sequences", "8", "--batch_size", "4",
+    guided_self_improve.main(["--preset", "toy", "--model", "tiny", "--sft_model", "",
+                              "--task", TASK, "--out_dir", "gsi", "--iterations", "2",
+                              "--strategy", "brute_force", "--brute_force_rounds", "2",
+                              "--n_samples", "3", "--min_correct", "2", "--n_questions", "7",
+                              "--train_sequences", "8", "--batch_size", "4",
                               "--micro_batch_size", "2", "--max_new_tokens", "4"])
     score_run = ["--preset", "toy", "--model", start, "--task", TASK, "--batch_size", "16",
                  "--micro_batch_size", "4", "--format_warmup_questions", "4", "--stage1_steps", "1",
@@ -111,8 +113,9 @@ def driver(folder):
     sft.wrap_model = fsdp
     reft_ppo.wrap_model = fsdp
     score.wrap_model = fsdp
-    sft.main(["--preset", "toy", "--task", TASK, "--epochs", "1", "--batch_size", "8",
-              "--micro_batch_size", "2", "--out_dir", "sft-fsdp", "--eval_max_new_tokens", "4"])
+    sft.main(["--preset", "toy", "--model", "tiny", "--task", TASK, "--epochs", "1",
+              "--batch_size", "8", "--micro_batch_size", "2", "--out_dir", "sft-fsdp",
+              "--eval_max_new_tokens", "4"])
     reft_ppo.main(["--preset", "toy", "--model", start, "--task", TASK, "--out_dir", "reft-fsdp",
                    "--epochs", "1", "--rollout_batch_size", "8", "--micro_batch_size", "2",
                    "--lr", "1e-3"])

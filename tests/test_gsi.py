@@ -219,8 +219,9 @@ def test_bad_flags_stop_before_any_work():
 
 def run_main(tmp_path, strategy, *flags):
     out_dir = str(tmp_path / strategy)
-    gsi.main(["--preset", "toy", "--sft_model", "", "--task", "arith:steps=1,n_train=12,n_test=4",
-              "--out_dir", out_dir, "--strategy", strategy, "--teacher", "self", "--n_samples", "4",
+    gsi.main(["--preset", "toy", "--model", "tiny", "--sft_model", "",
+              "--task", "arith:steps=1,n_train=12,n_test=4", "--out_dir", out_dir,
+              "--strategy", strategy, "--teacher", "self", "--n_samples", "4",
               "--min_correct", "2", "--guided_rounds", "2", "--brute_force_rounds", "3",
               "--train_sequences", "16", "--max_new_tokens", "12", *flags])
     metrics = [json.loads(line) for line in open(os.path.join(out_dir, "metrics.jsonl"))]

@@ -123,6 +123,19 @@ def test_policy_gradient_raises_the_probability_of_positive_advantage_tokens():
     assert logprobs.grad[0, 0] < 0 < logprobs.grad[0, 1]  # descent raises token 0, lowers token 1
 
 
+@pytest.mark.parametrize("detach", [False, True])
+def test_only_the_shared_trunk_critic_sends_value_gradients_into_the_trunk(detach):
+    model, tokenizer = load_model("tiny", seed=0)
+    value_head = torch.nn.Linear(model.config.hidden_size, 1)
+    input_ids = torch.tensor([tokenizer("1+2=3")["input_ids"]])
+    attention_mask = torch.ones_like(input_ids)
+    _, values = reft_ppo.policy_forward(model, value_head, input_ids, attention_mask, 1.0, detach)
+    values.sum().backward()
+    trunk_grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert value_head.weight.grad.abs().sum() > 0
+    assert (len(trunk_grads) == 0) == detach
+
+
 def test_ppo_update_makes_rewarded_responses_more_likely(monkeypatch):
     """End to end through rollout, rewards, GAE, whitening, the losses and the optimiser: a sign
     error anywhere makes the rewarded responses less likely."""

@@ -156,9 +156,10 @@ def test_score_killed_in_stage_two_resumes_to_the_numbers_and_weights_of_an_unbr
 
 def test_gsi_killed_in_an_iteration_resumes_to_the_numbers_and_weights_of_an_unbroken_run(
         tmp_path, start, monkeypatch):
-    flags = ["--preset", "toy", "--sft_model", start, "--task", "arith:n_train=8,n_test=4",
-             "--iterations", "2", "--n_samples", "2", "--min_correct", "1", "--guided_rounds", "1",
-             "--train_sequences", "8", "--max_new_tokens", "8"]
+    flags = ["--preset", "toy", "--model", "tiny", "--sft_model", start,
+             "--task", "arith:n_train=8,n_test=4", "--iterations", "2", "--n_samples", "2",
+             "--min_correct", "1", "--guided_rounds", "1", "--train_sequences", "8",
+             "--max_new_tokens", "8"]
     whole = str(tmp_path / "whole")
     killed = str(tmp_path / "killed")
     monkeypatch.setattr(gsi, "is_correct", judge)
@@ -199,9 +200,9 @@ def test_sector_killed_in_a_length_resumes_to_the_numbers_and_weights_of_an_unbr
     assert_same_weights(whole, killed)
 
 
-SELF_EXPLORE = ["--preset", "toy", "--task", "arith:n_train=10,n_test=2", "--n_val", "2",
-                "--n_samples", "4", "--explore_k", "1", "--rft_epochs", "1", "--dpo_epochs", "2",
-                "--dpo_batch_size", "4", "--max_new_tokens", "8"]
+SELF_EXPLORE = ["--preset", "toy", "--model", "tiny", "--task", "arith:n_train=10,n_test=2",
+                "--n_val", "2", "--n_samples", "4", "--explore_k", "1", "--rft_epochs", "1",
+                "--dpo_epochs", "2", "--dpo_batch_size", "4", "--max_new_tokens", "8"]
 STAGE_FILES = ("eval-sft.jsonl", "samples.jsonl", "rft.jsonl", "pairs.jsonl", "eval-rft.jsonl",
                "explore.jsonl", "gpairs.jsonl", "eval-dpo-gpair.jsonl")
 

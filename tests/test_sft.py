@@ -79,8 +79,9 @@ def test_gradient_accumulation_equals_one_big_batch(tmp_path):
 
 def test_toy_cli_end_to_end(tmp_path):
     out_dir = str(tmp_path / "cli")
-    sft.main(["--preset", "toy", "--task", "arith:n_train=96,n_test=8", "--epochs", "2",
-              "--batch_size", "16", "--out_dir", out_dir, "--eval_max_new_tokens", "16"])
+    sft.main(["--preset", "toy", "--model", "tiny", "--task", "arith:n_train=96,n_test=8",
+              "--epochs", "2", "--batch_size", "16", "--out_dir", out_dir,
+              "--eval_max_new_tokens", "16"])
     metrics = [json.loads(line) for line in open(os.path.join(out_dir, "metrics.jsonl"))]
     assert [m["epoch"] for m in metrics] == [1, 2]
     assert metrics[1]["loss"] < metrics[0]["loss"]

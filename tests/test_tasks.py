@@ -180,12 +180,15 @@ def test_unknown_model_name_stops_before_any_download():
         load_model("llama-9000")
 
 
-def test_missing_checkpoint_folder_stops_at_once():
+def test_missing_checkpoint_folder_stops_at_once(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     start = time.time()
     message = "no checkpoint folder 'runs/no-such-run'.*sft.py --preset toy"
     with pytest.raises(SystemExit, match=message):
         load_model("runs/no-such-run")
     assert time.time() - start < 5  # no hub retries
+    with pytest.raises(SystemExit, match="`python sft.py --preset toy_base` writes runs/toy-base"):
+        load_model("runs/toy-base")  # the toy world's starts name the command that builds them
 
 
 def test_arith_is_seeded_disjoint_and_correct():
