@@ -121,7 +121,7 @@ class Args:
     vf_coef: float = 5.0  # paper
     """weight of the value loss"""
     detach_critic: bool = False  # our flag; the paper: the value loss also trains the trunk
-    """the value loss trains the value head only, not the shared trunk (README, ReFT)"""
+    """the value loss trains the value head only, not the shared trunk (a diagnostic: README)"""
     partial_reward: float = 0.1  # paper
     """reward for a wrong but extractable numeric answer"""
     truncation_penalty: float = 0.0  # our flag; 0 = the paper

@@ -10,7 +10,7 @@ correct continuation from the step before.
 
     python self_explore.py --model deepseek-math-7b                  # GSM8K, the paper's settings
     python self_explore.py --model deepseek-math-7b --pairs outcome  # the DPO baseline on D_pair
-    python self_explore.py --preset toy [--pairs outcome]  # tiny on arith from runs/toy-sft, CPU
+    python self_explore.py --preset toy [--pairs outcome]  # from runs/toy-base and toy-sft, CPU
 
 Implements one round on GSM8K; the `# ALGO <step>.` tags number these steps (official files):
     1. SFT on the gold rationales (scripts/gsm8k/sft/run_ft.sh)
