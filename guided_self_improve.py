@@ -132,8 +132,8 @@ class Args:
 PRESETS = {
     # The toy world: iteration 0 is runs/toy-sft (`python sft.py --preset toy`); later iterations
     # fine-tune the toy base with toy SFT's lr. For a CPU: 3 iterations, the first 1500 training
-    # questions, 24000 sequences per iteration (6 passes over the 4000 gold rationales, 750
-    # steps): equal training for every strategy, whatever the size of D_t.
+    # questions, 24000 sequences per iteration (half the SFT run's 48000, for time): the same
+    # training for every strategy, whatever the size of D_t.
     "toy": dict(model="runs/toy-base", sft_model="runs/toy-sft", task=TOY_TASK,
                 template="self_explore", out_dir="runs/toy-gsi", iterations=3, n_questions=1500,
                 train_sequences=24000, lr=1e-3, batch_size=32, micro_batch_size=32,

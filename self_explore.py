@@ -121,7 +121,7 @@ class Args:
 
 
 # The toy world: samples from runs/toy-sft (`python sft.py --preset toy`), RFT from the toy base
-# with toy SFT's recipe (12 epochs at 1e-3); DPO lr 1e-5 (README, Results).
+# with toy SFT's recipe (12 epochs at 1e-3); DPO lr 1e-5, chosen on toy world v1 (README).
 TOY = dict(model="runs/toy-base", sft_model="runs/toy-sft", task=TOY_TASK,
            out_dir="runs/toy-self-explore", loss_on_prompt=False, rft_epochs=12,
            sft_schedule_epochs=0, sft_lr=1e-3, sft_warmup_ratio=0.1, sft_batch_size=32,

@@ -15,7 +15,7 @@ for their prompts and `encode_pair` (prompt | target + EOS tokenisation) for DPO
     python sft.py --preset self_explore --model deepseek-math-7b
     python sft.py --preset gsi --model llama3-8b
     python sft.py --preset toy_base                  # the toy base, CPU -> runs/toy-base
-    python sft.py --preset toy                       # it on arith, CPU, minutes -> runs/toy-sft
+    python sft.py --preset toy                       # SFT of it on the toy task -> runs/toy-sft
     torchrun --nproc_per_node 8 sft.py --model codellama-7b    # 8 GPUs (README, One GPU, many GPUs)
 
 Implements the three papers' SFT, as these steps (the ALGO tags below cite them):
