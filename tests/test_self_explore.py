@@ -263,15 +263,15 @@ TASK = "arith:n_train=24,n_test=4"
 
 def run_main(tmp_path, *flags):
     out_dir = str(tmp_path / "run")
-    self_explore.main(["--preset", "toy", "--task", TASK, "--out_dir", out_dir, "--n_val", "4",
-                       "--n_samples", "4", "--rft_epochs", "1", "--sft_epochs", "1",
+    self_explore.main(["--preset", "toy", "--model", "tiny", "--task", TASK, "--out_dir", out_dir,
+                       "--n_val", "4", "--n_samples", "4", "--rft_epochs", "1", "--sft_epochs", "1",
                        "--dpo_epochs", "2", "--max_new_tokens", "8", *flags])
     return out_dir
 
 
 def test_toy_smoke_run_and_resume(tmp_path, monkeypatch):
     monkeypatch.setattr(self_explore, "generate", scripted_generate(load_task(TASK, "train")))
-    out_dir = run_main(tmp_path, "--sft_model", "", "--model", "tiny")  # every stage, SFT included
+    out_dir = run_main(tmp_path, "--sft_model", "")  # every stage, SFT included
     for name in ("sft", "samples.jsonl", "rft.jsonl", "pairs.jsonl", "rft", "explore.jsonl",
                  "gpairs.jsonl", "dpo-gpair"):
         assert os.path.exists(os.path.join(out_dir, name)), name
@@ -294,7 +294,7 @@ def test_toy_smoke_run_and_resume(tmp_path, monkeypatch):
         raise AssertionError("a finished stage ran again")
     monkeypatch.setattr(self_explore, "generate", refuse)
     monkeypatch.setattr(self_explore.sft, "train", refuse)
-    run_main(tmp_path, "--sft_model", "", "--model", "tiny", "--pairs", "outcome")
+    run_main(tmp_path, "--sft_model", "", "--pairs", "outcome")
     steps = [json.loads(line)["step"] for line in open(os.path.join(out_dir, "metrics.jsonl"))]
     # the cached result is logged again
     assert steps[-1] == "eval dpo-outcome" and steps.count("eval rft") == 2
