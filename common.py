@@ -470,10 +470,12 @@ def corpus_document(rng):
 def toy_corpus(split, n_docs, seed, size=250):
     """The toy base model's pretraining text (README, The toy world) in pieces of whole documents
     and at most `size` characters: n_docs seeded documents, less those about a validation or test
-    question of arith and the few longer than `size`."""
+    question of arith (its defaults, and TOY_TASK) and the few longer than `size`."""
     if split != "train":
         return []
-    held_out = {e.question for part in ("val", "test") for e in arith_task(part, **ARITH)}
+    tasks = (ARITH, with_knobs(TOY_TASK, ARITH, TOY_TASK))
+    held_out = {e.question for part in ("val", "test") for knobs in tasks
+                for e in arith_task(part, **knobs)}
     rng = random.Random(seed)
     pieces = [""]
     for _ in range(n_docs):

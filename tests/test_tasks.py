@@ -229,12 +229,15 @@ def test_arith_validation_split_and_step_spread():
 def test_toy_corpus_is_seeded_right_and_holds_no_held_out_question(monkeypatch):
     # two-step held-out questions: dense enough that an unfiltered corpus meets a dozen of them
     monkeypatch.setattr(common, "ARITH", common.ARITH | dict(steps=2, n_train=100, n_val=100))
+    monkeypatch.setattr(common, "TOY_TASK", "arith:n_train=100,n_val=100,n_test=100,seed=1")
     pieces = [e.rationale for e in load_task("toy_corpus:n_docs=3000", "train")]
     assert pieces == [e.rationale for e in load_task("toy_corpus:n_docs=3000", "train")]
     assert max(map(len, pieces)) <= 250
     text = "\n".join(pieces)
+    toy_val = load_task(f"{common.TOY_TASK},validate=1", "test")
+    toy_held_out = [e.question for e in load_task(common.TOY_TASK, "test") + toy_val]
     held_out = [e.question for split in ("val", "test")
-                for e in common.arith_task(split, **common.ARITH)]
+                for e in common.arith_task(split, **common.ARITH)] + toy_held_out
     lines = text.split("\n")
     # what a line is about: the expression that opens it (Compute 6+4., 6+4=10, So 6+4=10.)
     heads = {re.sub(r"^(Compute|Work out|What is|Evaluate|So) ", "", line).rstrip(".?")
