@@ -473,9 +473,9 @@ def toy_corpus(split, n_docs, seed, size=250):
     question of arith (its defaults, and TOY_TASK) and the few longer than `size`."""
     if split != "train":
         return []
-    tasks = (ARITH, with_knobs(TOY_TASK, ARITH, TOY_TASK))
-    held_out = {e.question for part in ("val", "test") for knobs in tasks
-                for e in arith_task(part, **knobs)}
+    held_out = set()
+    for knobs in (ARITH, with_knobs(TOY_TASK, ARITH, TOY_TASK)):
+        held_out |= {e.question for part in ("val", "test") for e in arith_task(part, **knobs)}
     rng = random.Random(seed)
     pieces = [""]
     for _ in range(n_docs):
