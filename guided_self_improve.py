@@ -48,7 +48,7 @@ import torch
 from tqdm.auto import tqdm
 
 import sft
-from common import (RANK, TOY_TASK, WORLD, Logger, check_context, check_trained, evaluate, fail,
+from common import (RANK, UNSEEN_TASK, WORLD, Logger, check_context, check_trained, evaluate, fail,
                     generate, load_model, load_state, load_task, parse_args, save, save_state,
                     start_run)
 from common import check_args as check_common
@@ -131,10 +131,10 @@ class Args:
 
 PRESETS = {
     # The toy world: iteration 0 is runs/toy-sft (`python sft.py --preset toy`); later iterations
-    # fine-tune the toy base with toy SFT's lr. For a CPU: 3 iterations, the first 1500 training
-    # questions, 24000 sequences per iteration (half the SFT run's 48000, for time): the same
-    # training for every strategy, whatever the size of D_t.
-    "toy": dict(model="runs/toy-base", sft_model="runs/toy-sft", task=TOY_TASK,
+    # fine-tune the toy base with toy SFT's lr. For a CPU: 3 iterations on 1500 questions the SFT
+    # never saw (on its own 1000 it is right 97% of the time: no tail to narrow), 24000 sequences
+    # per iteration (24 SFT epochs): the same training for every strategy, whatever D_t's size.
+    "toy": dict(model="runs/toy-base", sft_model="runs/toy-sft", task=UNSEEN_TASK,
                 template="self_explore", out_dir="runs/toy-gsi", iterations=3, n_questions=1500,
                 train_sequences=24000, lr=1e-3, batch_size=32, micro_batch_size=32,
                 max_length=256, max_new_tokens=160, sample_batch_size=1024, seed=0),

@@ -121,9 +121,9 @@ class Args:
 
 
 # The toy world: samples from runs/toy-sft (`python sft.py --preset toy`), RFT from the toy base
-# with toy SFT's recipe (12 epochs at 1e-3); DPO lr 1e-5, chosen on toy world v1 (README).
+# with toy SFT's recipe (40 epochs at 1e-3); DPO lr 1e-5, chosen on toy world v1 (README).
 TOY = dict(model="runs/toy-base", sft_model="runs/toy-sft", task=TOY_TASK,
-           out_dir="runs/toy-self-explore", loss_on_prompt=False, rft_epochs=12,
+           out_dir="runs/toy-self-explore", loss_on_prompt=False, rft_epochs=40,
            sft_schedule_epochs=0, sft_lr=1e-3, sft_warmup_ratio=0.1, sft_batch_size=32,
            micro_batch_size=32, n_samples=8, max_new_tokens=160, sample_batch_size=512,
            dpo_lr=1e-5, seed=0)

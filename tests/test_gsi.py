@@ -19,6 +19,16 @@ def args_for(strategy, **overrides):
     return dataclasses.replace(gsi.Args(**gsi.TOY), strategy=strategy, **overrides)
 
 
+def test_toy_preset_samples_questions_the_toy_sft_never_saw():
+    # the toy SFT is right on 97% of its own questions: sampling them leaves no tail to narrow
+    sft_task = sft.PRESETS["toy"]["task"]
+    seen = {example.question for example in load_task(sft_task, "train")}
+    sampled = load_task(gsi.TOY["task"], "train")
+    assert len(sampled) == gsi.TOY["n_questions"]
+    assert not seen & {example.question for example in sampled}
+    assert load_task(gsi.TOY["task"], "test") == load_task(sft_task, "test")
+
+
 def plain(example):
     return sft.prompt_for("self_explore", example.question)
 

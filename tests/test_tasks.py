@@ -222,6 +222,10 @@ def test_arith_validation_split_and_step_spread():
     assert load_task(name + ",validate=1", "train") == splits["train"]
     n_steps = {len(e.rationale.split("\n")) for e in splits["train"]}
     assert n_steps == {2, 3, 4, 5}
+    # train_from: the next training questions, with the same validation and test questions
+    later = load_task(name + ",n_train=100,train_from=200", "train")
+    assert later == load_task(name, "train")[200:300]
+    assert load_task(name + ",train_from=200", "test") == splits["test"]
     # the default task is the one the README's numbers were measured on
     assert load_task("arith", "test")[0] == Example("7-1+9-7", "7-1=6\n6+9=15\n15-7=8", "8")
 
