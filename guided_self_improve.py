@@ -132,8 +132,8 @@ class Args:
 PRESETS = {
     # The toy world: iteration 0 is runs/toy-sft (`python sft.py --preset toy`); later iterations
     # fine-tune the toy base with toy SFT's lr. For a CPU: 3 iterations on 1500 questions the SFT
-    # never saw (on its own 1000 it is right 97% of the time: no tail to narrow), 24000 sequences
-    # per iteration (24 SFT epochs): the same training for every strategy, whatever D_t's size.
+    # never saw (97% of its samples on its own 1000 are right: no tail to narrow), 24000 sequences
+    # per iteration: the same training for every strategy, whatever the size of D_t.
     "toy": dict(model="runs/toy-base", sft_model="runs/toy-sft", task=UNSEEN_TASK,
                 template="self_explore", out_dir="runs/toy-gsi", iterations=3, n_questions=1500,
                 train_sequences=24000, lr=1e-3, batch_size=32, micro_batch_size=32,
