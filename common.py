@@ -418,7 +418,8 @@ CORPUS = dict(n_docs=100000, seed=1)
 # The toy world (README, The toy world): its task, and the command that writes each of its starts.
 # 1000 training questions leave the toy SFT 7 points below its best of 8 samples (4000: 2.7)
 TOY_TASK = "arith:min_steps=2,steps=8,n_val=300,n_test=600,n_train=1000"
-# the same validation and test questions, and 1500 training questions the toy SFT never saw
+# the same validation and test questions, and the next 1500 training questions (a repeated knob:
+# the last wins), which the toy SFT never saw
 UNSEEN_TASK = TOY_TASK + ",train_from=1000,n_train=1500"
 TOY_RUNS = {"runs/toy-base": "python sft.py --preset toy_base",
             "runs/toy-sft": "python sft.py --preset toy"}
